@@ -1,0 +1,3 @@
+//! Test support shared by caregate's crates, end-to-end tests and benchmarks.
+
+pub mod keys;
