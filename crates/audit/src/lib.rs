@@ -110,7 +110,12 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// A new event stamped now.
-    pub fn new(request_id: impl Into<String>, actor: Actor, action: Action, outcome: Outcome) -> Self {
+    pub fn new(
+        request_id: impl Into<String>,
+        actor: Actor,
+        action: Action,
+        outcome: Outcome,
+    ) -> Self {
         Self {
             recorded: OffsetDateTime::now_utc(),
             request_id: request_id.into(),
@@ -141,7 +146,8 @@ mod tests {
 
     #[test]
     fn event_round_trips_through_json() {
-        let mut event = AuditEvent::new("req-1", Actor::default(), Action::Create, Outcome::Success);
+        let mut event =
+            AuditEvent::new("req-1", Actor::default(), Action::Create, Outcome::Success);
         event.entity = Some(Entity {
             resource_type: "Patient".into(),
             id: "p1".into(),

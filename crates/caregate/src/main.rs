@@ -1,1 +1,421 @@
-fn main() {}
+//! The `caregate` command: serve the gateway, validate FHIR files offline, get a token.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use caregate_fhir::validate::{Validated, ValidatorConfig};
+use caregate_fhir::{OperationOutcome, Validator};
+use caregate_gateway::config::Config;
+use caregate_testkit::keys::{KeyAlg, PartnerKey};
+use clap::{Parser, Subcommand};
+
+/// caregate — a FHIR R4 gateway that lets GP practices, trusts, pharmacies and councils in an
+/// Integrated Care System share care records safely: authenticated, validated, durable, audited.
+#[derive(Debug, Parser)]
+#[command(name = "caregate", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gateway over HTTPS with the given configuration file.
+    ///
+    /// Prints `caregate listening on <URL>` to standard output once it accepts connections.
+    /// Stops gracefully on SIGTERM or Ctrl-C: in-flight requests finish; every acknowledged
+    /// record is already durable.
+    Serve {
+        /// The configuration file (TOML); see deploy/example/caregate.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate FHIR JSON files offline (files, directories, .json and .ndjson), printing the same
+    /// OperationOutcome the gateway would answer for each invalid one. Exits 1 if any is invalid.
+    Validate {
+        /// Files or directories to validate.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Use the limits and rules of this configuration file instead of the defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print only invalid files and the summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Get an access token for a partner: sign a SMART client assertion with the partner's
+    /// private key and exchange it at the gateway's token endpoint. Prints the token response.
+    Token {
+        /// The gateway's configuration file (to find the partner and its key id).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The partner id (also the OAuth client id).
+        #[arg(long)]
+        partner: String,
+        /// The partner's private key (PKCS#8 PEM). Default: keys/<partner>.key.pem beside the config.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Scopes to ask for. Default: all the partner's registered scopes.
+        #[arg(long)]
+        scope: Option<String>,
+        /// The gateway's base URL. Default: the config's public_url, or https://localhost:<port>.
+        #[arg(long)]
+        url: Option<String>,
+        /// A PEM certificate to trust for the gateway (e.g. the dev certificate in the data dir).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Print only the access token (for shell use: TOKEN=$(caregate token ... --raw)).
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Generate a signing key pair for a partner's client: writes `<ID>.key.pem` (private, keep
+    /// it with the partner, mode 0600) and `<ID>.jwks.json` (public, register it in the config).
+    PartnerKey {
+        /// The partner id.
+        #[arg(long)]
+        partner: String,
+        /// Signature algorithm: ES384 (default), RS384 or ES256.
+        #[arg(long, default_value = "ES384")]
+        alg: String,
+        /// Output directory.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Validate {
+            paths,
+            config,
+            quiet,
+        } => validate(&paths, config.as_deref(), quiet),
+        Command::Token {
+            config,
+            partner,
+            key,
+            scope,
+            url,
+            ca_cert,
+            raw,
+        } => token(&config, &partner, key, scope, url, ca_cert, raw),
+        Command::PartnerKey { partner, alg, out } => partner_key(&partner, &alg, &out),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("caregate: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAREGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let config = Config::load(config_path)?;
+    runtime()?.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot listen for SIGTERM");
+                        std::future::pending::<()>().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+            }
+        };
+        caregate_gateway::runtime::run(config, shutdown, |started| {
+            #[allow(clippy::print_stdout, reason = "the ready line is the CLI's output")]
+            {
+                println!("caregate listening on {}", started.base_url);
+                if let Some(path) = &started.dev_certificate_path {
+                    println!("dev certificate (trust it in clients): {}", path.display());
+                }
+            }
+        })
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Collect the files to validate: files as given, directories recursively (*.json, *.ndjson),
+/// in a stable order.
+fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut stack = vec![path.clone()];
+            while let Some(dir) = stack.pop() {
+                let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+                    .with_context(|| format!("cannot read directory {}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .collect();
+                entries.sort();
+                for entry in entries {
+                    if entry.is_dir() {
+                        stack.push(entry);
+                    } else if matches!(
+                        entry.extension().and_then(|e| e.to_str()),
+                        Some("json" | "ndjson")
+                    ) {
+                        files.push(entry);
+                    }
+                }
+            }
+        } else if path.exists() {
+            files.push(path.clone());
+        } else {
+            bail!("{}: no such file or directory", path.display());
+        }
+    }
+    Ok(files)
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "validation results are the command's output"
+)]
+fn validate(paths: &[PathBuf], config: Option<&Path>, quiet: bool) -> anyhow::Result<ExitCode> {
+    let validator = match config {
+        Some(path) => caregate_gateway::runtime::validator_for(&Config::load(path)?)?,
+        None => Validator::new(ValidatorConfig::default())?,
+    };
+    let (mut valid, mut invalid) = (0usize, 0usize);
+    for file in collect_files(paths)? {
+        let bytes =
+            std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let is_ndjson = file.extension().and_then(|e| e.to_str()) == Some("ndjson");
+        let units: Vec<(String, &[u8])> = if is_ndjson {
+            bytes
+                .split(|&b| b == b'\n')
+                .enumerate()
+                .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+                .map(|(n, line)| (format!("{}:{}", file.display(), n + 1), line))
+                .collect()
+        } else {
+            vec![(file.display().to_string(), bytes.as_slice())]
+        };
+        for (name, unit) in units {
+            match validator.validate_bytes(unit, None) {
+                Ok(validated) => {
+                    valid += 1;
+                    if !quiet {
+                        let kind = match &validated {
+                            Validated::Resource(r) => r.resource_type().to_string(),
+                            Validated::Bundle(_) => "Bundle".to_owned(),
+                        };
+                        println!("ok       {name} ({kind})");
+                    }
+                }
+                Err(rejection) => {
+                    invalid += 1;
+                    println!("INVALID  {name}");
+                    print_outcome(&rejection.outcome);
+                }
+            }
+        }
+    }
+    println!("{valid} valid, {invalid} invalid");
+    Ok(if invalid == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "validation results are the command's output"
+)]
+fn print_outcome(outcome: &OperationOutcome) {
+    let text = serde_json::to_string_pretty(&outcome.to_json()).unwrap_or_default();
+    for line in text.lines() {
+        println!("         {line}");
+    }
+}
+
+#[allow(clippy::print_stdout, reason = "the token is the command's output")]
+fn token(
+    config_path: &Path,
+    partner_id: &str,
+    key: Option<PathBuf>,
+    scope: Option<String>,
+    url: Option<String>,
+    ca_cert: Option<PathBuf>,
+    raw: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let partner = config
+        .partners
+        .iter()
+        .find(|p| p.id == partner_id)
+        .with_context(|| {
+            format!(
+                "{}: no partner with id `{partner_id}`",
+                config_path.display()
+            )
+        })?;
+    let key_path = key.unwrap_or_else(|| {
+        config_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("keys")
+            .join(format!("{partner_id}.key.pem"))
+    });
+    let pem = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("cannot read key {}", key_path.display()))?;
+    let jwk = partner
+        .jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .and_then(|k| k.first())
+        .with_context(|| {
+            format!(
+                "{}: partner `{partner_id}` has no keys",
+                config_path.display()
+            )
+        })?;
+    let kid = jwk
+        .get("kid")
+        .and_then(|v| v.as_str())
+        .context("the partner's first key has no kid")?;
+    let alg = jwk
+        .get("alg")
+        .and_then(|v| v.as_str())
+        .context("the partner's first key has no alg")?;
+    let alg = key_alg(alg)
+        .with_context(|| format!("{}: partner `{partner_id}`", config_path.display()))?;
+    let signer = PartnerKey::from_private_pem(kid, alg, &pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
+    let base = url
+        .unwrap_or_else(|| config.public_url_for(config.listen))
+        .trim_end_matches('/')
+        .to_owned();
+    let token_url = format!("{base}/auth/token");
+    let assertion = signer.sign_assertion(partner_id, &token_url);
+    let scope = scope.unwrap_or_else(|| partner.scopes.join(" "));
+
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = ca_cert {
+        let pem = std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
+        client = client.add_root_certificate(cert);
+    }
+    let client = client.build().context("cannot build the HTTPS client")?;
+    let response = runtime()?.block_on(async {
+        let response = client
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", assertion.as_str()),
+                ("scope", scope.as_str()),
+            ])
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {token_url}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .context("the token response is not JSON")?;
+        anyhow::Ok((status, body))
+    })?;
+    let (status, body) = response;
+    if !status.is_success() {
+        bail!("token request refused ({status}): {body}");
+    }
+    if raw {
+        println!(
+            "{}",
+            body.get("access_token")
+                .and_then(|t| t.as_str())
+                .unwrap_or_default()
+        );
+    } else {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn key_alg(name: &str) -> anyhow::Result<KeyAlg> {
+    Ok(match name {
+        "RS384" => KeyAlg::Rs384,
+        "ES384" => KeyAlg::Es384,
+        "ES256" => KeyAlg::Es256,
+        other => bail!("key algorithm `{other}` is not supported here (use RS384, ES384 or ES256)"),
+    })
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "the written paths are the command's output"
+)]
+fn partner_key(partner: &str, alg: &str, out: &Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if partner.is_empty()
+        || !partner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!("--partner must be letters, digits, '-' or '_'");
+    }
+    let kid = format!("{partner}-{}", time::OffsetDateTime::now_utc().date());
+    let key = match key_alg(alg)? {
+        KeyAlg::Rs384 => PartnerKey::generate_rs384(&kid),
+        KeyAlg::Es384 => PartnerKey::generate_es384(&kid),
+        KeyAlg::Es256 => PartnerKey::generate_es256(&kid),
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let private = out.join(format!("{partner}.key.pem"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&private)
+        .with_context(|| {
+            format!(
+                "cannot create {} (it must not exist already)",
+                private.display()
+            )
+        })?;
+    file.write_all(key.private_pem().as_bytes())?;
+    let public = out.join(format!("{partner}.jwks.json"));
+    std::fs::write(
+        &public,
+        serde_json::to_string_pretty(&PartnerKey::jwks(&[&key]))?,
+    )
+    .with_context(|| format!("cannot write {}", public.display()))?;
+    println!("private key: {}", private.display());
+    println!("public JWKS: {}", public.display());
+    Ok(ExitCode::SUCCESS)
+}

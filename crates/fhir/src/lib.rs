@@ -25,4 +25,4 @@ pub mod validate;
 
 pub use outcome::{Issue, IssueCode, OperationOutcome, Severity};
 pub use resource::{ResourceType, ValidatedResource};
-
+pub use validate::Validator;

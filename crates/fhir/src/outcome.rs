@@ -95,13 +95,21 @@ pub struct Issue {
 
 impl Issue {
     /// An error-severity issue at `expression`.
-    pub fn error(code: IssueCode, expression: impl Into<String>, diagnostics: impl Into<String>) -> Self {
+    pub fn error(
+        code: IssueCode,
+        expression: impl Into<String>,
+        diagnostics: impl Into<String>,
+    ) -> Self {
         let expression = expression.into();
         Self {
             severity: Severity::Error,
             code,
             diagnostics: diagnostics.into(),
-            expression: if expression.is_empty() { Vec::new() } else { vec![expression] },
+            expression: if expression.is_empty() {
+                Vec::new()
+            } else {
+                vec![expression]
+            },
         }
     }
 
@@ -172,12 +180,16 @@ impl OperationOutcome {
 
     /// An outcome with one issue.
     pub fn single(issue: Issue) -> Self {
-        Self { issues: vec![issue] }
+        Self {
+            issues: vec![issue],
+        }
     }
 
     /// True when any issue is an error or fatal.
     pub fn has_errors(&self) -> bool {
-        self.issues.iter().any(|i| matches!(i.severity, Severity::Error | Severity::Fatal))
+        self.issues
+            .iter()
+            .any(|i| matches!(i.severity, Severity::Error | Severity::Fatal))
     }
 
     /// The outcome as a FHIR resource.
@@ -221,7 +233,10 @@ mod tests {
     #[test]
     fn issue_json_carries_severity_code_and_expression() {
         let json = Issue::error(IssueCode::Required, "Patient.gender", "missing").to_json();
-        assert_eq!(json, json!({"severity":"error","code":"required","diagnostics":"missing","expression":["Patient.gender"]}));
+        assert_eq!(
+            json,
+            json!({"severity":"error","code":"required","diagnostics":"missing","expression":["Patient.gender"]})
+        );
     }
 }
 
@@ -240,7 +255,11 @@ impl IssueSink {
     pub const DEFAULT_LIMIT: usize = 32;
 
     pub fn new(limit: usize) -> Self {
-        Self { issues: Vec::new(), limit: limit.max(1), dropped: 0 }
+        Self {
+            issues: Vec::new(),
+            limit: limit.max(1),
+            dropped: 0,
+        }
     }
 
     pub fn push(&mut self, issue: Issue) {

@@ -122,8 +122,36 @@ impl ValidatedResource {
                 .or_insert_with(|| Value::Object(serde_json::Map::new()));
             if let Value::Object(meta) = meta {
                 meta.insert("versionId".to_owned(), Value::String(version_id.to_owned()));
-                meta.insert("lastUpdated".to_owned(), Value::String(last_updated.to_owned()));
+                meta.insert(
+                    "lastUpdated".to_owned(),
+                    Value::String(last_updated.to_owned()),
+                );
             }
+        }
+    }
+
+    /// Remove the server-assigned `meta.versionId` and `meta.lastUpdated` a client may have sent
+    /// (the server owns them), dropping `meta` if nothing else is left in it.
+    pub fn clear_server_meta(&mut self) {
+        if let Value::Object(map) = &mut self.value {
+            let now_empty = match map.get_mut("meta") {
+                Some(Value::Object(meta)) => {
+                    meta.remove("versionId");
+                    meta.remove("lastUpdated");
+                    meta.is_empty()
+                }
+                _ => false,
+            };
+            if now_empty {
+                map.remove("meta");
+            }
+        }
+    }
+
+    /// Remove `id` (a create ignores any id the client sent).
+    pub fn clear_id(&mut self) {
+        if let Value::Object(map) = &mut self.value {
+            map.remove("id");
         }
     }
 

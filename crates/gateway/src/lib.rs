@@ -1,1 +1,19 @@
-//! (being written)
+//! caregate's HTTP surface: the TLS edge and its limits, the SMART Backend Services token
+//! endpoint, and the FHIR intake endpoints.
+//!
+//! Architecture invariants:
+//! - only this crate renders wire errors (OperationOutcome / OAuth JSON), through [`error`];
+//! - a 2xx for a write is sent only after `Store::submit` returned, i.e. after the commit is durable;
+//! - every request produces exactly one request audit event (see [`app`]);
+//! - no patient identifier appears in a log line or in an error sent to a partner.
+
+pub mod app;
+pub mod capability;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod fhir_api;
+pub mod runtime;
+pub mod server;
+pub mod tls;
+pub mod token;

@@ -161,8 +161,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Option<LogEntry>, StoreError>;
 
     /// Audit events with `seq > after`, oldest first, at most `limit`.
-    async fn read_audit(&self, after: Seq, limit: usize)
-    -> Result<Vec<StoredAuditEvent>, StoreError>;
+    async fn read_audit(
+        &self,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredAuditEvent>, StoreError>;
 
     /// A reader's durable cursor (0 if it has none yet).
     async fn load_cursor(&self, reader: &str) -> Result<Seq, StoreError>;

@@ -1,0 +1,628 @@
+//! The gateway's configuration file (TOML): parse strictly, validate without I/O, then build.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`), so a typo never silently falls back to a
+//! default. Every error names the file, the line and the field. Relative paths inside the file are
+//! resolved against the file's own directory, so a config and its keys can travel together.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use caregate_fhir::nhs_number::NhsNumberPolicy;
+use caregate_fhir::ods::OdsCode;
+use serde::Deserialize;
+
+/// The whole configuration file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub server: ServerSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub validation: ValidationSection,
+    #[serde(default, rename = "partner")]
+    pub partners: Vec<PartnerSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on, e.g. `127.0.0.1:8443`. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The base URL partners use to reach this gateway (no trailing slash), e.g.
+    /// `https://caregate.example.nhs.uk`. The token endpoint's `aud` is `{public_url}/auth/token`.
+    /// Defaults to `https://localhost:{port}`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Data directory for the embedded store. Relative to the config file.
+    pub data_dir: PathBuf,
+    /// How long graceful shutdown waits for in-flight requests, in seconds.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_shutdown_grace_secs() -> u64 {
+    30
+}
+
+/// Client-certificate policy for the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates are requested.
+    #[default]
+    None,
+    /// Requested and verified if presented; partners with a bound certificate must present it.
+    Optional,
+    /// Every connection must present a certificate issued by `client_ca`.
+    Required,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain. When both `cert` and `key` are absent the gateway runs in dev mode
+    /// with a generated self-signed certificate (and says so loudly).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: Option<PathBuf>,
+    /// PEM bundle of CAs that issue partner client certificates (needed unless `client_auth` is none).
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Edge limits. Defaults follow Envoy's edge guidance where it applies (DOMAIN.md B1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_body_bytes: usize,
+    pub max_json_depth: usize,
+    pub max_header_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub header_read_timeout_secs: u64,
+    pub tls_handshake_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_bundle_entries: usize,
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_json_depth: 64,
+            max_header_bytes: 16 * 1024,
+            request_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            header_read_timeout_secs: 10,
+            tls_handshake_timeout_secs: 10,
+            max_connections: 10_000,
+            max_bundle_entries: 1_000,
+            http2_max_concurrent_streams: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Lifetime of issued access tokens, in seconds (at most 3600).
+    pub access_token_ttl_secs: u64,
+    /// Allowed clock skew when checking `exp`/`nbf`/`iat`, in seconds.
+    pub clock_leeway_secs: u64,
+    /// PKCS#8 PEM ES256 key that signs access tokens. Absent: an ephemeral key per process
+    /// (tokens do not survive a restart, and several instances cannot share them).
+    pub signing_key: Option<PathBuf>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            access_token_ttl_secs: 300,
+            clock_leeway_secs: 30,
+            signing_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSection {
+    /// Accept NHS numbers from the test ranges (starting 9). Set false in production.
+    pub allow_test_nhs_numbers: bool,
+    /// Absolute reference bases that are accepted (anything else absolute is refused, OWASP API7).
+    pub allowed_reference_bases: Vec<String>,
+}
+
+impl Default for ValidationSection {
+    fn default() -> Self {
+        Self {
+            allow_test_nhs_numbers: true,
+            allowed_reference_bases: Vec::new(),
+        }
+    }
+}
+
+/// Organisation kinds in an ICS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartnerKind {
+    Gp,
+    Trust,
+    Pharmacy,
+    Council,
+    Icb,
+}
+
+impl PartnerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gp => "gp",
+            Self::Trust => "trust",
+            Self::Pharmacy => "pharmacy",
+            Self::Council => "council",
+            Self::Icb => "icb",
+        }
+    }
+}
+
+/// How records reach a partner (used by the delivery stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Pushed to the partner's FHIR endpoint.
+    Push,
+    /// Held for the partner to pull.
+    #[default]
+    Inbox,
+    /// The partner receives nothing (submit-only or analytics consumers of feeds).
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySection {
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// The partner's FHIR base URL for push delivery.
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerSection {
+    /// Stable id; also the OAuth client id.
+    pub id: String,
+    /// Human-readable organisation name.
+    pub name: String,
+    /// ODS code of the organisation.
+    pub ods_code: String,
+    pub kind: PartnerKind,
+    /// SMART scopes the partner may be granted, e.g. `system/Observation.cru`.
+    pub scopes: Vec<String>,
+    /// Path to a JWKS file with the partner's public keys (relative to the config file).
+    pub jwks_file: Option<PathBuf>,
+    /// Inline JWKS (`{ keys = [ { kty = "EC", ... } ] }`).
+    pub jwks: Option<toml::Value>,
+    /// Base64url SHA-256 thumbprint of the partner's client certificate (RFC 8705), binding it.
+    pub client_cert_sha256: Option<String>,
+    #[serde(default)]
+    pub delivery: DeliverySection,
+}
+
+/// A configuration error, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// A partner after validation.
+#[derive(Debug, Clone)]
+pub struct Partner {
+    pub id: String,
+    pub name: String,
+    pub ods_code: OdsCode,
+    pub kind: PartnerKind,
+    pub scopes: Vec<String>,
+    pub jwks: serde_json::Value,
+    pub client_cert_sha256: Option<String>,
+    pub delivery: DeliverySection,
+}
+
+/// The validated configuration the gateway is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    pub public_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub shutdown_grace: Duration,
+    pub tls: TlsSection,
+    pub limits: LimitsSection,
+    pub auth: AuthSection,
+    pub validation: ValidationSection,
+    pub partners: Vec<Partner>,
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            field: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate configuration text that came from `path` (used for relative paths and
+    /// error messages). Reads JWKS files named by partners.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_of(text, span.start));
+            ConfigError {
+                file: path.to_owned(),
+                line,
+                field: None,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+        Validator {
+            path,
+            text,
+            base: &base,
+        }
+        .validate(file)
+    }
+
+    /// The public base URL (no trailing slash), given the address actually bound.
+    pub fn public_url_for(&self, bound: SocketAddr) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("https://localhost:{}", bound.port()),
+        }
+    }
+
+    /// The NHS number policy implied by the validation section.
+    pub fn nhs_number_policy(&self) -> NhsNumberPolicy {
+        NhsNumberPolicy {
+            allow_test_numbers: self.validation.allow_test_nhs_numbers,
+            ..NhsNumberPolicy::default()
+        }
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error(&self, field: &str, needle: Option<&str>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            line: needle.and_then(|n| self.find_line(n)),
+            field: Some(field.to_owned()),
+            message: message.into(),
+        }
+    }
+
+    /// Best-effort line of the first occurrence of `needle` (a value or key), for messages about
+    /// values that parsed but failed validation.
+    fn find_line(&self, needle: &str) -> Option<usize> {
+        self.text
+            .find(needle)
+            .map(|offset| line_of(self.text, offset))
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn validate(&self, file: ConfigFile) -> Result<Config, ConfigError> {
+        let limits = &file.limits;
+        if limits.max_json_depth == 0 || limits.max_json_depth > 100 {
+            return Err(self.error(
+                "limits.max_json_depth",
+                Some("max_json_depth"),
+                "must be between 1 and 100",
+            ));
+        }
+        if limits.max_body_bytes < 1024 {
+            return Err(self.error(
+                "limits.max_body_bytes",
+                Some("max_body_bytes"),
+                "must be at least 1024",
+            ));
+        }
+        if limits.max_header_bytes < 8192 {
+            return Err(self.error(
+                "limits.max_header_bytes",
+                Some("max_header_bytes"),
+                "must be at least 8192 (the HTTP/1.1 parser's minimum buffer)",
+            ));
+        }
+        if limits.max_connections == 0 {
+            return Err(self.error(
+                "limits.max_connections",
+                Some("max_connections"),
+                "must be at least 1",
+            ));
+        }
+        if file.auth.access_token_ttl_secs == 0 || file.auth.access_token_ttl_secs > 3600 {
+            return Err(self.error(
+                "auth.access_token_ttl_secs",
+                Some("access_token_ttl_secs"),
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        if let Some(url) = &file.server.public_url
+            && !url.starts_with("https://")
+        {
+            return Err(self.error("server.public_url", Some(url), "must be an https:// URL"));
+        }
+        let mut tls = file.tls.clone();
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => {
+                return Err(self.error("tls.key", Some("cert"), "`cert` is set but `key` is not"));
+            }
+            (None, Some(_)) => {
+                return Err(self.error("tls.cert", Some("key"), "`key` is set but `cert` is not"));
+            }
+            _ => {}
+        }
+        if tls.client_auth != ClientAuth::None && tls.client_ca.is_none() {
+            return Err(self.error(
+                "tls.client_ca",
+                Some("client_auth"),
+                "client certificates are requested but no `client_ca` is configured",
+            ));
+        }
+        tls.cert = tls.cert.map(|p| self.resolve(&p));
+        tls.key = tls.key.map(|p| self.resolve(&p));
+        tls.client_ca = tls.client_ca.map(|p| self.resolve(&p));
+        let mut auth = file.auth.clone();
+        auth.signing_key = auth.signing_key.map(|p| self.resolve(&p));
+
+        let mut partners: Vec<Partner> = Vec::with_capacity(file.partners.len());
+        for (index, section) in file.partners.into_iter().enumerate() {
+            let field = |name: &str| format!("partner[{index}].{name}");
+            let id_ok = !section.id.is_empty()
+                && section.id.len() <= 64
+                && section
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !id_ok {
+                return Err(self.error(
+                    &field("id"),
+                    Some(&section.id),
+                    "must be 1-64 characters of letters, digits, '-' or '_'",
+                ));
+            }
+            if partners.iter().any(|p| p.id == section.id) {
+                return Err(self.error(&field("id"), Some(&section.id), "duplicate partner id"));
+            }
+            let ods_code = OdsCode::parse(&section.ods_code).map_err(|e| {
+                self.error(
+                    &field("ods_code"),
+                    Some(&section.ods_code),
+                    format!("not a valid ODS code: {e}"),
+                )
+            })?;
+            if section.scopes.is_empty() {
+                return Err(self.error(
+                    &field("scopes"),
+                    Some(&section.id),
+                    "at least one scope is required",
+                ));
+            }
+            for scope in &section.scopes {
+                if let Err(e) = caregate_auth::scope::ScopeSet::parse(scope) {
+                    return Err(self.error(
+                        &field("scopes"),
+                        Some(scope),
+                        format!("invalid scope `{scope}`: {e}"),
+                    ));
+                }
+            }
+            let jwks = match (&section.jwks_file, &section.jwks) {
+                (Some(_), Some(_)) => {
+                    return Err(self.error(
+                        &field("jwks"),
+                        Some(&section.id),
+                        "give `jwks` or `jwks_file`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(self.error(
+                        &field("jwks_file"),
+                        Some(&section.id),
+                        "a JWKS (`jwks_file` or `jwks`) is required",
+                    ));
+                }
+                (Some(file_path), None) => {
+                    let resolved = self.resolve(file_path);
+                    let text = std::fs::read_to_string(&resolved).map_err(|e| {
+                        self.error(
+                            &field("jwks_file"),
+                            Some(&file_path.to_string_lossy()),
+                            format!("cannot read {}: {e}", resolved.display()),
+                        )
+                    })?;
+                    serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
+                        self.error(
+                            &field("jwks_file"),
+                            Some(&file_path.to_string_lossy()),
+                            format!("{} is not JSON: {e}", resolved.display()),
+                        )
+                    })?
+                }
+                (None, Some(inline)) => serde_json::to_value(inline).map_err(|e| {
+                    self.error(
+                        &field("jwks"),
+                        Some(&section.id),
+                        format!("cannot convert to JSON: {e}"),
+                    )
+                })?,
+            };
+            if section.delivery.mode == DeliveryMode::Push {
+                match &section.delivery.endpoint {
+                    Some(endpoint) if endpoint.starts_with("https://") => {}
+                    Some(endpoint) => {
+                        return Err(self.error(
+                            &field("delivery.endpoint"),
+                            Some(endpoint),
+                            "must be an https:// URL",
+                        ));
+                    }
+                    None => {
+                        return Err(self.error(
+                            &field("delivery.endpoint"),
+                            Some(&section.id),
+                            "push delivery needs an endpoint",
+                        ));
+                    }
+                }
+            }
+            partners.push(Partner {
+                id: section.id,
+                name: section.name,
+                ods_code,
+                kind: section.kind,
+                scopes: section.scopes,
+                jwks,
+                client_cert_sha256: section.client_cert_sha256,
+                delivery: section.delivery,
+            });
+        }
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            listen: file.server.listen,
+            public_url: file
+                .server
+                .public_url
+                .map(|u| u.trim_end_matches('/').to_owned()),
+            data_dir: self.resolve(&file.server.data_dir),
+            shutdown_grace: Duration::from_secs(file.server.shutdown_grace_secs),
+            tls,
+            limits: file.limits,
+            auth,
+            validation: file.validation,
+            partners,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "data"
+
+[[partner]]
+id = "gp-a81001"
+name = "Riverside Practice"
+ods_code = "A81001"
+kind = "gp"
+scopes = ["system/*.cru"]
+jwks = { keys = [] }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/caregate/caregate.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_resolves_paths_against_the_file() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.data_dir, Path::new("/etc/caregate/data"));
+        assert_eq!(config.partners[0].ods_code.as_str(), "A81001");
+        assert_eq!(config.limits.max_json_depth, 64);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_file_and_line() {
+        let text = MINIMAL.replace("kind = \"gp\"", "kind = \"gp\"\nscope = [\"x\"]");
+        let err = parse(&text).unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.starts_with("/etc/caregate/caregate.toml:"), "{shown}");
+        assert!(shown.contains("unknown field `scope`"), "{shown}");
+        assert_eq!(err.line, Some(13), "{shown}");
+    }
+
+    #[test]
+    fn ods_invalid_partner_code_names_the_field() {
+        let err = parse(&MINIMAL.replace("A81001\"", "A8-1001\"")).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("partner[0].ods_code"));
+        assert_eq!(err.line, Some(10));
+    }
+
+    #[test]
+    fn wrong_kind_is_rejected() {
+        let err = parse(&MINIMAL.replace("\"gp\"", "\"hospital\"")).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `hospital`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_scope_is_rejected() {
+        let err = parse(&MINIMAL.replace("system/*.cru", "patient/*.read")).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("partner[0].scopes"));
+    }
+
+    #[test]
+    fn push_delivery_needs_https_endpoint() {
+        let text = format!(
+            "{MINIMAL}\n[partner.delivery]\nmode = \"push\"\nendpoint = \"http://gp.example\"\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("partner[0].delivery.endpoint"));
+    }
+}

@@ -1,0 +1,171 @@
+//! Start-up and shutdown: build every stage from a validated [`Config`], bind, serve until told
+//! to stop, drain. Start-up fails fast with a message naming what is wrong; nothing is served
+//! until every piece is ready.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caregate_auth::{AuthConfig, Authority, ClientRegistration, SigningKey};
+use caregate_fhir::Validator;
+use caregate_fhir::json::JsonLimits;
+use caregate_fhir::rules::RulesConfig;
+use caregate_fhir::validate::ValidatorConfig;
+use caregate_store::sqlite::{SqliteOptions, SqliteStore};
+use tokio::net::TcpListener;
+
+use crate::app::{AppState, router};
+use crate::config::Config;
+use crate::{server, tls};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot open the data directory {path}: {reason}")]
+    Store { path: String, reason: String },
+    #[error("built-in schemas failed to compile: {0}")]
+    Schema(String),
+    #[error("partner registry: {0}")]
+    Partners(String),
+    #[error("token signing key {path}: {reason}")]
+    SigningKey { path: String, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+}
+
+/// What a started gateway tells its caller.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub local_addr: SocketAddr,
+    pub base_url: String,
+    /// Where the dev-mode certificate was written (trust it in clients), if in dev mode.
+    pub dev_certificate_path: Option<std::path::PathBuf>,
+}
+
+/// Build the validator a config implies (also used by `caregate validate`).
+pub fn validator_for(config: &Config) -> Result<Validator, StartError> {
+    Validator::new(ValidatorConfig {
+        json: JsonLimits {
+            max_depth: config.limits.max_json_depth,
+        },
+        rules: RulesConfig {
+            nhs_number: config.nhs_number_policy(),
+            allowed_reference_bases: config.validation.allowed_reference_bases.clone(),
+        },
+        max_bundle_entries: config.limits.max_bundle_entries,
+        ..ValidatorConfig::default()
+    })
+    .map_err(|e| StartError::Schema(e.to_string()))
+}
+
+/// Run the gateway until `shutdown` resolves. `on_ready` is called once it is accepting.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(&Started),
+) -> Result<(), StartError> {
+    let server_tls = tls::server_config(&config.tls)?;
+    let validator = validator_for(&config)?;
+    let store = SqliteStore::open(&config.data_dir, SqliteOptions::default()).map_err(|e| {
+        StartError::Store {
+            path: config.data_dir.display().to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Bind {
+            addr: config.listen,
+            reason: e.to_string(),
+        })?;
+    let local_addr = listener.local_addr().map_err(|e| StartError::Bind {
+        addr: config.listen,
+        reason: e.to_string(),
+    })?;
+    let base_url = config.public_url_for(local_addr);
+
+    let signing_key = match &config.auth.signing_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|e| StartError::SigningKey {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            SigningKey::from_pkcs8_pem(&pem).map_err(|e| StartError::SigningKey {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?
+        }
+        None => SigningKey::generate().map_err(|e| StartError::SigningKey {
+            path: "(generated)".into(),
+            reason: e.to_string(),
+        })?,
+    };
+    let mut clients = Vec::with_capacity(config.partners.len());
+    for partner in &config.partners {
+        let jwks = serde_json::from_value(partner.jwks.clone()).map_err(|e| {
+            StartError::Partners(format!("partner {}: JWKS is not valid: {e}", partner.id))
+        })?;
+        clients.push(ClientRegistration {
+            client_id: partner.id.clone(),
+            jwks,
+            allowed_scopes: partner.scopes.clone(),
+            cert_thumbprint: partner.client_cert_sha256.clone(),
+        });
+    }
+    let mut auth_config = AuthConfig::new(format!("{base_url}/auth/token"), base_url.clone());
+    auth_config.access_token_ttl = Duration::from_secs(config.auth.access_token_ttl_secs);
+    auth_config.leeway = Duration::from_secs(config.auth.clock_leeway_secs);
+    let authority = Authority::new(auth_config, clients, signing_key)
+        .map_err(|e| StartError::Partners(e.to_string()))?;
+
+    let dev_certificate_path = match &server_tls.dev_certificate_pem {
+        Some(pem) => {
+            let path = config.data_dir.join("dev-certificate.pem");
+            std::fs::write(&path, pem).map_err(|e| StartError::Store {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            tracing::warn!(
+                certificate = %path.display(),
+                "DEV MODE: no TLS certificate configured; serving a generated self-signed certificate. Do not use in production."
+            );
+            Some(path)
+        }
+        None => None,
+    };
+
+    let partners: HashMap<_, _> = config
+        .partners
+        .iter()
+        .map(|p| (p.id.clone(), Arc::new(p.clone())))
+        .collect();
+    let state = Arc::new(AppState {
+        validator,
+        store: Arc::new(store),
+        authority,
+        partners,
+        base_url: base_url.clone(),
+        limits: config.limits.clone(),
+    });
+    let app = router(state);
+    let started = Started {
+        local_addr,
+        base_url,
+        dev_certificate_path,
+    };
+    on_ready(&started);
+    tracing::info!(address = %local_addr, partners = config.partners.len(), "caregate is serving");
+    server::serve(
+        listener,
+        server_tls.config,
+        app,
+        config.limits.clone(),
+        config.shutdown_grace,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
