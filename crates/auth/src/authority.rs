@@ -18,13 +18,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::Serialize;
 
 use crate::assertion::{
-    AssertionClaims, AssertionRules, CLIENT_CREDENTIALS, ClaimedIssuer, JWT_BEARER_ASSERTION_TYPE,
-    TokenRequest, parse_header,
+    AssertionClaims, AssertionRules, CLIENT_CREDENTIALS, CheckedAssertion, ClaimedIssuer,
+    JWT_BEARER_ASSERTION_TYPE, TokenRequest, parse_header,
 };
 use crate::bearer::{ACCESS_TOKEN_TYPE, AccessGrant, AccessTokenClaims, Confirmation, cache_key};
 use crate::cache::{ExpiringCache, InsertNew};
@@ -245,7 +247,7 @@ impl Authority {
         &self,
         assertion: &str,
         now: u64,
-    ) -> Result<(&str, &Client, crate::assertion::CheckedAssertion), AssertionRejection> {
+    ) -> Result<(&str, &Client, CheckedAssertion), AssertionRejection> {
         if assertion.len() > self.config.max_token_bytes {
             return Err(AssertionRejection::TooLarge);
         }
@@ -491,16 +493,15 @@ fn validate_client(registration: ClientRegistration) -> Result<Client, AuthSetup
     }
     let allowed_scopes =
         ScopeSet::parse(&allowed_scopes.join(" ")).map_err(|error| fail(error.to_string()))?;
-    if let Some(thumbprint) = &cert_thumbprint {
-        let decoded = base64::Engine::decode(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            thumbprint,
-        );
-        if decoded.map(|digest| digest.len()) != Ok(32) {
-            return Err(fail(
-                "cert_thumbprint must be a base64url SHA-256 digest".to_owned(),
-            ));
-        }
+    let is_sha256 =
+        |thumbprint: &String| URL_SAFE_NO_PAD.decode(thumbprint).map(|d| d.len()) == Ok(32);
+    if cert_thumbprint
+        .as_ref()
+        .is_some_and(|thumbprint| !is_sha256(thumbprint))
+    {
+        return Err(fail(
+            "cert_thumbprint must be a base64url SHA-256 digest".to_owned(),
+        ));
     }
     Ok(Client {
         keys,

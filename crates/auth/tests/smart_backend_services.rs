@@ -99,9 +99,11 @@ fn registrations() -> Vec<ClientRegistration> {
 }
 
 fn fixture_with(config: AuthConfig) -> Fixture {
-    let clock = Arc::new(ManualClock(AtomicU64::new(unix_now() as u64)));
+    let registrations = registrations();
     let signing_key = SigningKey::from_pkcs8_pem(&KEYS.gateway_pem).expect("gateway key loads");
-    let authority = Authority::new(config, registrations(), signing_key)
+    // Read the time only once the keys exist, so assertions signed next are not "from the future".
+    let clock = Arc::new(ManualClock(AtomicU64::new(unix_now() as u64)));
+    let authority = Authority::new(config, registrations, signing_key)
         .expect("valid registrations")
         .with_clock(clock.clone());
     Fixture { authority, clock }
@@ -135,13 +137,16 @@ fn now() -> i64 {
 
 impl Fixture {
     fn token(&self, assertion: &str) -> Result<TokenResponse, TokenError> {
-        self.authority.issue_token(&request(assertion, "system/Observation.rs"), None)
+        self.authority
+            .issue_token(&request(assertion, "system/Observation.rs"), None)
     }
 
     /// Asserts the assertion is refused as `invalid_client` (401) for `expected`, and that the
     /// error body does not echo the assertion.
     fn assert_rejected(&self, assertion: &str, expected: AssertionRejection) {
-        let error = self.token(assertion).expect_err("assertion must be refused");
+        let error = self
+            .token(assertion)
+            .expect_err("assertion must be refused");
         assert_eq!(error, TokenError::InvalidClient(expected));
         assert_eq!(error.status(), 401);
         assert_eq!(error.error_code(), "invalid_client");
@@ -157,7 +162,9 @@ impl Fixture {
 #[test]
 fn smart_accepts_rs384_assertion() {
     let f = fixture();
-    let response = f.token(&KEYS.a_rsa.sign_assertion(PARTNER_A, ENDPOINT)).expect("accepted");
+    let response = f
+        .token(&KEYS.a_rsa.sign_assertion(PARTNER_A, ENDPOINT))
+        .expect("accepted");
     assert_eq!(response.token_type, "Bearer");
     assert_eq!(response.expires_in, 300);
     assert_eq!(response.scope, "system/Observation.rs");
@@ -166,19 +173,27 @@ fn smart_accepts_rs384_assertion() {
 #[test]
 fn smart_accepts_es384_assertion() {
     let f = fixture();
-    assert!(f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT)).is_ok());
+    assert!(
+        f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT))
+            .is_ok()
+    );
 }
 
 #[test]
 fn smart_accepts_es256_assertion() {
     let f = fixture();
-    assert!(f.token(&KEYS.a_es256.sign_assertion(PARTNER_A, ENDPOINT)).is_ok());
+    assert!(
+        f.token(&KEYS.a_es256.sign_assertion(PARTNER_A, ENDPOINT))
+            .is_ok()
+    );
 }
 
 #[test]
 fn nhs_accepts_rs512_assertion_with_key_registered_without_alg() {
     let f = fixture();
-    let assertion = KEYS.a_rsa_any.sign_claims(&claims_for(PARTNER_A), &json!({"alg": "RS512"}));
+    let assertion = KEYS
+        .a_rsa_any
+        .sign_claims(&claims_for(PARTNER_A), &json!({"alg": "RS512"}));
     assert!(f.token(&assertion).is_ok());
 }
 
@@ -186,9 +201,15 @@ fn nhs_accepts_rs512_assertion_with_key_registered_without_alg() {
 fn f9_accepts_assertion_expired_within_leeway_and_skewed_iat() {
     let f = fixture();
     let claims = with(claims_for(PARTNER_A), "exp", json!(now() - 10));
-    assert!(f.token(&KEYS.a_es384.sign_claims(&claims, &json!({}))).is_ok());
+    assert!(
+        f.token(&KEYS.a_es384.sign_claims(&claims, &json!({})))
+            .is_ok()
+    );
     let claims = with(claims_for(PARTNER_A), "iat", json!(now() + 20));
-    assert!(f.token(&KEYS.a_es384.sign_claims(&claims, &json!({}))).is_ok());
+    assert!(
+        f.token(&KEYS.a_es384.sign_claims(&claims, &json!({})))
+            .is_ok()
+    );
 }
 
 #[test]
@@ -196,13 +217,18 @@ fn rfc7523_accepts_single_element_audience_array_and_fractional_dates() {
     let f = fixture();
     let claims = with(claims_for(PARTNER_A), "aud", json!([ENDPOINT]));
     let claims = with(claims, "exp", json!(now() as f64 + 100.5));
-    assert!(f.token(&KEYS.a_es256.sign_claims(&claims, &json!({}))).is_ok());
+    assert!(
+        f.token(&KEYS.a_es256.sign_claims(&claims, &json!({})))
+            .is_ok()
+    );
 }
 
 #[test]
 fn rfc8725_accepts_absent_typ() {
     let f = fixture();
-    let assertion = KEYS.a_es256.sign_claims(&claims_for(PARTNER_A), &json!({"typ": null}));
+    let assertion = KEYS
+        .a_es256
+        .sign_claims(&claims_for(PARTNER_A), &json!({"typ": null}));
     assert!(f.token(&assertion).is_ok());
 }
 
@@ -212,11 +238,16 @@ fn rfc8725_accepts_absent_typ() {
 fn rfc8725_rejects_alg_none() {
     let f = fixture();
     for alg in ["none", "None", "NONE", ""] {
-        let assertion =
-            unsigned_token(&json!({"alg": alg, "typ": "JWT", "kid": "a-rsa"}), &claims_for(PARTNER_A));
+        let assertion = unsigned_token(
+            &json!({"alg": alg, "typ": "JWT", "kid": "a-rsa"}),
+            &claims_for(PARTNER_A),
+        );
         f.assert_rejected(&assertion, AssertionRejection::AlgorithmNotAllowed);
     }
-    let no_alg = unsigned_token(&json!({"typ": "JWT", "kid": "a-rsa"}), &claims_for(PARTNER_A));
+    let no_alg = unsigned_token(
+        &json!({"typ": "JWT", "kid": "a-rsa"}),
+        &claims_for(PARTNER_A),
+    );
     f.assert_rejected(&no_alg, AssertionRejection::AlgorithmNotAllowed);
 }
 
@@ -226,7 +257,11 @@ fn rfc8725_rejects_hs256_signed_with_rsa_public_key() {
     let header = json!({"alg": "HS256", "typ": "JWT", "kid": "a-rsa"});
     let public_pem = KEYS.a_rsa.public_pem();
     let jwk = KEYS.a_rsa.jwk().to_string();
-    for secret in [public_pem.as_bytes(), public_pem.trim_end().as_bytes(), jwk.as_bytes()] {
+    for secret in [
+        public_pem.as_bytes(),
+        public_pem.trim_end().as_bytes(),
+        jwk.as_bytes(),
+    ] {
         let forged = hmac_token(secret, &header, &claims_for(PARTNER_A));
         f.assert_rejected(&forged, AssertionRejection::AlgorithmNotAllowed);
     }
@@ -241,7 +276,9 @@ fn rfc8725_rejects_hs256_signed_with_rsa_public_key() {
 fn rfc8725_rejects_algorithms_off_the_allow_list() {
     let f = fixture();
     for alg in ["RS256", "PS256", "PS384", "PS512", "EdDSA", "ES512"] {
-        let assertion = KEYS.a_rsa_any.sign_claims(&claims_for(PARTNER_A), &json!({"alg": alg}));
+        let assertion = KEYS
+            .a_rsa_any
+            .sign_claims(&claims_for(PARTNER_A), &json!({"alg": alg}));
         f.assert_rejected(&assertion, AssertionRejection::AlgorithmNotAllowed);
     }
 }
@@ -256,7 +293,9 @@ fn rfc8725_rejects_key_of_wrong_family_or_curve_for_alg() {
     let p256_as_es384 = KEYS.a_es256.sign_claims(&claims, &json!({"alg": "ES384"}));
     f.assert_rejected(&p256_as_es384, AssertionRejection::KeyAlgorithmMismatch);
     // An EC signature claiming an RSA key, and RS384 naming an EC key.
-    let ec_claiming_rsa = KEYS.a_es384.sign_claims(&claims, &json!({"alg": "ES384", "kid": "a-rsa"}));
+    let ec_claiming_rsa = KEYS
+        .a_es384
+        .sign_claims(&claims, &json!({"alg": "ES384", "kid": "a-rsa"}));
     f.assert_rejected(&ec_claiming_rsa, AssertionRejection::KeyAlgorithmMismatch);
     let rs_claiming_ec = KEYS.a_rsa.sign_claims(&claims, &json!({"kid": "a-ec384"}));
     f.assert_rejected(&rs_claiming_ec, AssertionRejection::KeyAlgorithmMismatch);
@@ -266,7 +305,9 @@ fn rfc8725_rejects_key_of_wrong_family_or_curve_for_alg() {
 fn rfc7517_honours_the_registered_jwk_alg() {
     let f = fixture();
     // a-rsa is registered with alg RS384, so a valid RS512 signature by it is refused.
-    let assertion = KEYS.a_rsa.sign_claims(&claims_for(PARTNER_A), &json!({"alg": "RS512"}));
+    let assertion = KEYS
+        .a_rsa
+        .sign_claims(&claims_for(PARTNER_A), &json!({"alg": "RS512"}));
     f.assert_rejected(&assertion, AssertionRejection::KeyAlgorithmMismatch);
 }
 
@@ -275,9 +316,13 @@ fn rfc7517_honours_the_registered_jwk_alg() {
 #[test]
 fn rfc7515_rejects_unknown_or_missing_kid() {
     let f = fixture();
-    let unknown = KEYS.a_es384.sign_claims(&claims_for(PARTNER_A), &json!({"kid": "no-such-key"}));
+    let unknown = KEYS
+        .a_es384
+        .sign_claims(&claims_for(PARTNER_A), &json!({"kid": "no-such-key"}));
     f.assert_rejected(&unknown, AssertionRejection::UnknownKey);
-    let missing = KEYS.a_es384.sign_claims(&claims_for(PARTNER_A), &json!({"kid": null}));
+    let missing = KEYS
+        .a_es384
+        .sign_claims(&claims_for(PARTNER_A), &json!({"kid": null}));
     f.assert_rejected(&missing, AssertionRejection::MissingKeyId);
 }
 
@@ -321,7 +366,10 @@ fn rfc8725_ignores_jku_x5u_and_embedded_jwk_and_fetches_nothing() {
     // An embedded JWK under a registered kid does not replace the registered key.
     let mut embedded = KEYS.stranger.jwk();
     embedded["kid"] = json!("a-rsa");
-    let assertion = KEYS.stranger.sign_claims(&claims_for(PARTNER_A), &json!({"jwk": embedded, "jku": url}));
+    let assertion = KEYS.stranger.sign_claims(
+        &claims_for(PARTNER_A),
+        &json!({"jwk": embedded, "jku": url}),
+    );
     f.assert_rejected(&assertion, AssertionRejection::BadSignature);
     // Nobody connected to the advertised key URL.
     assert_eq!(
@@ -334,10 +382,14 @@ fn rfc8725_ignores_jku_x5u_and_embedded_jwk_and_fetches_nothing() {
 fn rfc8725_rejects_typ_other_than_jwt_and_crit() {
     let f = fixture();
     for typ in ["at+jwt", "JOSE", "dpop+jwt"] {
-        let assertion = KEYS.a_es384.sign_claims(&claims_for(PARTNER_A), &json!({"typ": typ}));
+        let assertion = KEYS
+            .a_es384
+            .sign_claims(&claims_for(PARTNER_A), &json!({"typ": typ}));
         f.assert_rejected(&assertion, AssertionRejection::WrongType);
     }
-    let assertion = KEYS.a_es384.sign_claims(&claims_for(PARTNER_A), &json!({"crit": ["exp"]}));
+    let assertion = KEYS
+        .a_es384
+        .sign_claims(&claims_for(PARTNER_A), &json!({"crit": ["exp"]}));
     f.assert_rejected(&assertion, AssertionRejection::CriticalHeader);
 }
 
@@ -346,7 +398,10 @@ fn rfc7515_rejects_tampered_claims() {
     let f = fixture();
     let assertion = KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT);
     let mut parts: Vec<&str> = assertion.split('.').collect();
-    let other = KEYS.a_es384.sign_claims(&with(claims_for(PARTNER_A), "scope", json!("x")), &json!({}));
+    let other = KEYS.a_es384.sign_claims(
+        &with(claims_for(PARTNER_A), "scope", json!("x")),
+        &json!({}),
+    );
     parts[1] = other.split('.').nth(1).expect("claims part");
     f.assert_rejected(&parts.join("."), AssertionRejection::BadSignature);
 }
@@ -357,14 +412,18 @@ fn rfc7515_rejects_tampered_claims() {
 fn rfc7523_rejects_expired_assertion() {
     let f = fixture();
     let claims = with(claims_for(PARTNER_A), "exp", json!(now() - 120));
-    f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::Expired);
+    f.assert_rejected(
+        &KEYS.a_es384.sign_claims(&claims, &json!({})),
+        AssertionRejection::Expired,
+    );
 }
 
 #[test]
 fn rfc7523_rejects_assertion_once_the_clock_passes_exp() {
     let f = fixture();
     let assertion = KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT);
-    f.clock.advance(240 + 31);
+    // Past exp (now + 240 s) and the 30 s leeway, with a margin for the wall clock moving on.
+    f.clock.advance(240 + 30 + 5);
     f.assert_rejected(&assertion, AssertionRejection::Expired);
 }
 
@@ -379,13 +438,18 @@ fn smart_rejects_exp_more_than_five_minutes_ahead() {
         );
     }
     let claims = with(claims_for(PARTNER_A), "exp", json!(1e300));
-    f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::LifetimeTooLong);
+    f.assert_rejected(
+        &KEYS.a_es384.sign_claims(&claims, &json!({})),
+        AssertionRejection::LifetimeTooLong,
+    );
     let missing = claims_for(PARTNER_A).as_object().map(|claims| {
         let mut claims = claims.clone();
         claims.remove("exp");
         Value::Object(claims)
     });
-    let missing = KEYS.a_es384.sign_claims(&missing.expect("object"), &json!({}));
+    let missing = KEYS
+        .a_es384
+        .sign_claims(&missing.expect("object"), &json!({}));
     f.assert_rejected(&missing, AssertionRejection::MissingExpiry);
 }
 
@@ -393,17 +457,31 @@ fn smart_rejects_exp_more_than_five_minutes_ahead() {
 fn rfc7519_rejects_future_nbf_and_iat() {
     let f = fixture();
     let claims = with(claims_for(PARTNER_A), "nbf", json!(now() + 120));
-    f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::NotYetValid);
+    f.assert_rejected(
+        &KEYS.a_es384.sign_claims(&claims, &json!({})),
+        AssertionRejection::NotYetValid,
+    );
     let claims = with(claims_for(PARTNER_A), "iat", json!(now() + 120));
-    f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::IssuedInFuture);
+    f.assert_rejected(
+        &KEYS.a_es384.sign_claims(&claims, &json!({})),
+        AssertionRejection::IssuedInFuture,
+    );
 }
 
 #[test]
 fn rfc7519_rejects_claims_of_the_wrong_type() {
     let f = fixture();
-    for (field, value) in [("exp", json!("soon")), ("exp", json!(-5)), ("jti", json!(7)), ("sub", json!(["partner-a"]))] {
+    for (field, value) in [
+        ("exp", json!("soon")),
+        ("exp", json!(-5)),
+        ("jti", json!(7)),
+        ("sub", json!(["partner-a"])),
+    ] {
         let claims = with(claims_for(PARTNER_A), field, value);
-        f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::Malformed);
+        f.assert_rejected(
+            &KEYS.a_es384.sign_claims(&claims, &json!({})),
+            AssertionRejection::Malformed,
+        );
     }
 }
 
@@ -420,7 +498,10 @@ fn rfc7523_rejects_wrong_aud() {
     ];
     for aud in wrong {
         let claims = with(claims_for(PARTNER_A), "aud", aud);
-        f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::WrongAudience);
+        f.assert_rejected(
+            &KEYS.a_es384.sign_claims(&claims, &json!({})),
+            AssertionRejection::WrongAudience,
+        );
     }
 }
 
@@ -438,7 +519,10 @@ fn rfc7523_rejects_wrong_iss_or_sub() {
         AssertionRejection::IssuerSubjectMismatch,
     );
     let claims = with(claims_for(PARTNER_A), "iss", json!("unregistered"));
-    f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::UnknownKey);
+    f.assert_rejected(
+        &KEYS.a_es384.sign_claims(&claims, &json!({})),
+        AssertionRejection::UnknownKey,
+    );
 }
 
 #[test]
@@ -446,7 +530,10 @@ fn rfc7523_rejects_missing_or_oversized_jti() {
     let f = fixture();
     for jti in [Value::Null, json!(""), json!("j".repeat(257))] {
         let claims = with(claims_for(PARTNER_A), "jti", jti);
-        f.assert_rejected(&KEYS.a_es384.sign_claims(&claims, &json!({})), AssertionRejection::MissingJti);
+        f.assert_rejected(
+            &KEYS.a_es384.sign_claims(&claims, &json!({})),
+            AssertionRejection::MissingJti,
+        );
     }
 }
 
@@ -458,8 +545,14 @@ fn rfc7523_rejects_replayed_jti() {
     f.assert_rejected(&assertion, AssertionRejection::Replayed);
     // A new assertion reusing the jti is a replay too, even with another key of the client.
     let claims = with(claims_for(PARTNER_A), "jti", json!("fixed-jti"));
-    assert!(f.token(&KEYS.a_es384.sign_claims(&claims, &json!({}))).is_ok());
-    f.assert_rejected(&KEYS.a_es256.sign_claims(&claims, &json!({})), AssertionRejection::Replayed);
+    assert!(
+        f.token(&KEYS.a_es384.sign_claims(&claims, &json!({})))
+            .is_ok()
+    );
+    f.assert_rejected(
+        &KEYS.a_es256.sign_claims(&claims, &json!({})),
+        AssertionRejection::Replayed,
+    );
 }
 
 #[test]
@@ -468,7 +561,10 @@ fn rfc7523_jti_uniqueness_is_per_client() {
     let a = with(claims_for(PARTNER_A), "jti", json!("shared"));
     let b = with(claims_for(PARTNER_B), "jti", json!("shared"));
     assert!(f.token(&KEYS.a_es384.sign_claims(&a, &json!({}))).is_ok());
-    let b_request = request(&KEYS.b_es384.sign_claims(&b, &json!({})), "system/Patient.r");
+    let b_request = request(
+        &KEYS.b_es384.sign_claims(&b, &json!({})),
+        "system/Patient.r",
+    );
     assert!(f.authority.issue_token(&b_request, Some(&b_cert())).is_ok());
 }
 
@@ -477,13 +573,27 @@ fn b5_refuses_rather_than_grows_when_replay_cache_is_full() {
     let mut config = AuthConfig::new(ENDPOINT, ISSUER);
     config.replay_cache_capacity = 1;
     let f = fixture_with(config);
-    assert!(f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT)).is_ok());
-    let error = f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT)).expect_err("full");
+    assert!(
+        f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT))
+            .is_ok()
+    );
+    let error = f
+        .token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT))
+        .expect_err("full");
     assert!(matches!(error, TokenError::TemporarilyUnavailable(_)));
-    assert_eq!((error.status(), error.error_code()), (503, "temporarily_unavailable"));
+    assert_eq!(
+        (error.status(), error.error_code()),
+        (503, "temporarily_unavailable")
+    );
     // Once the remembered assertion has expired, its slot is reused.
-    f.clock.advance(240 + 30 + 2);
-    assert!(f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT)).is_ok());
+    f.clock.advance(240 + 30 + 5);
+    let later = f.clock.now_unix();
+    let claims = with(claims_for(PARTNER_A), "iat", json!(later));
+    let claims = with(claims, "exp", json!(later + 240));
+    assert!(
+        f.token(&KEYS.a_es384.sign_claims(&claims, &json!({})))
+            .is_ok()
+    );
 }
 
 // --- Size and garbage ------------------------------------------------------------------------
@@ -494,8 +604,15 @@ fn b5_rejects_1mb_token_before_parsing() {
     let huge = "A".repeat(1024 * 1024);
     f.assert_rejected(&huge, AssertionRejection::TooLarge);
     // A well-formed, validly signed assertion padded past the bound is refused the same way.
-    let padded = with(claims_for(PARTNER_A), "padding", json!("p".repeat(1024 * 1024)));
-    f.assert_rejected(&KEYS.a_es384.sign_claims(&padded, &json!({})), AssertionRejection::TooLarge);
+    let padded = with(
+        claims_for(PARTNER_A),
+        "padding",
+        json!("p".repeat(1024 * 1024)),
+    );
+    f.assert_rejected(
+        &KEYS.a_es384.sign_claims(&padded, &json!({})),
+        AssertionRejection::TooLarge,
+    );
 }
 
 #[test]
@@ -514,13 +631,19 @@ fn b5_rejects_garbage_assertions() {
         header_not_json.as_str(),
     ] {
         let error = f.token(garbage).expect_err("garbage refused");
-        assert!(matches!(error, TokenError::InvalidClient(_)), "{garbage}: {error:?}");
+        assert!(
+            matches!(error, TokenError::InvalidClient(_)),
+            "{garbage}: {error:?}"
+        );
         assert_eq!(error.status(), 401);
     }
     // Valid header, claims not JSON.
     let header = KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT);
     let header = header.split('.').next().expect("header");
-    f.assert_rejected(&format!("{header}.bm90IGpzb24.c2ln"), AssertionRejection::Malformed);
+    f.assert_rejected(
+        &format!("{header}.bm90IGpzb24.c2ln"),
+        AssertionRejection::Malformed,
+    );
     // A duplicated header member.
     let duplicate = r#"{"alg":"ES384","kid":"a-ec384","alg":"none"}"#;
     let duplicate = format!("{}.e30.c2ln", base64_url(duplicate.as_bytes()));
@@ -557,24 +680,49 @@ fn rfc6749_grant_type_and_assertion_type_rules() {
     let assertion = KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT);
     let mut missing_grant = request(&assertion, "system/Observation.r");
     missing_grant.grant_type = None;
-    let error = f.authority.issue_token(&missing_grant, None).expect_err("refused");
-    assert_eq!((error.error_code(), error.status()), ("invalid_request", 400));
+    let error = f
+        .authority
+        .issue_token(&missing_grant, None)
+        .expect_err("refused");
+    assert_eq!(
+        (error.error_code(), error.status()),
+        ("invalid_request", 400)
+    );
 
     let mut wrong_grant = request(&assertion, "system/Observation.r");
     wrong_grant.grant_type = Some("authorization_code".into());
-    let error = f.authority.issue_token(&wrong_grant, None).expect_err("refused");
+    let error = f
+        .authority
+        .issue_token(&wrong_grant, None)
+        .expect_err("refused");
     assert_eq!(error, TokenError::UnsupportedGrantType);
-    assert_eq!((error.error_code(), error.status()), ("unsupported_grant_type", 400));
+    assert_eq!(
+        (error.error_code(), error.status()),
+        ("unsupported_grant_type", 400)
+    );
 
     let mut wrong_type = request(&assertion, "system/Observation.r");
-    wrong_type.client_assertion_type = Some("urn:ietf:params:oauth:client-assertion-type:saml2-bearer".into());
-    let error = f.authority.issue_token(&wrong_type, None).expect_err("refused");
-    assert_eq!(error, TokenError::InvalidClient(AssertionRejection::UnsupportedAssertionType));
+    wrong_type.client_assertion_type =
+        Some("urn:ietf:params:oauth:client-assertion-type:saml2-bearer".into());
+    let error = f
+        .authority
+        .issue_token(&wrong_type, None)
+        .expect_err("refused");
+    assert_eq!(
+        error,
+        TokenError::InvalidClient(AssertionRejection::UnsupportedAssertionType)
+    );
 
     let mut no_assertion = request("", "system/Observation.r");
     no_assertion.client_assertion = None;
-    let error = f.authority.issue_token(&no_assertion, None).expect_err("refused");
-    assert_eq!(error, TokenError::InvalidClient(AssertionRejection::Missing));
+    let error = f
+        .authority
+        .issue_token(&no_assertion, None)
+        .expect_err("refused");
+    assert_eq!(
+        error,
+        TokenError::InvalidClient(AssertionRejection::Missing)
+    );
     assert_eq!(error.status(), 401);
 }
 
@@ -586,15 +734,24 @@ fn smart_scope_must_be_present_system_and_within_registration() {
         (Some("   "), ScopeRejection::Missing),
         (Some("patient/Observation.rs"), ScopeRejection::Malformed),
         (Some("user/*.cruds"), ScopeRejection::Malformed),
-        (Some("system/Observation.rs?category=laboratory"), ScopeRejection::Malformed),
+        (
+            Some("system/Observation.rs?category=laboratory"),
+            ScopeRejection::Malformed,
+        ),
         (Some("system/Condition.r"), ScopeRejection::NotAllowed),
         (Some("system/*.rs"), ScopeRejection::NotAllowed),
-        (Some("system/Patient.rs system/Patient.c"), ScopeRejection::NotAllowed),
+        (
+            Some("system/Patient.rs system/Patient.c"),
+            ScopeRejection::NotAllowed,
+        ),
     ];
     for (scope, expected) in cases {
         let mut req = request(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT), "");
         req.scope = scope.map(str::to_owned);
-        let error = f.authority.issue_token(&req, None).expect_err("scope refused");
+        let error = f
+            .authority
+            .issue_token(&req, None)
+            .expect_err("scope refused");
         assert_eq!(error, TokenError::InvalidScope(expected), "{scope:?}");
         assert_eq!((error.error_code(), error.status()), ("invalid_scope", 400));
     }
@@ -603,11 +760,18 @@ fn smart_scope_must_be_present_system_and_within_registration() {
 #[test]
 fn smart_grants_exactly_the_requested_subset() {
     let f = fixture();
-    for scope in ["system/Observation.c", "system/Patient.read", "system/Observation.cruds system/Patient.s"] {
+    for scope in [
+        "system/Observation.c",
+        "system/Patient.read",
+        "system/Observation.cruds system/Patient.s",
+    ] {
         let req = request(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT), scope);
         let response = f.authority.issue_token(&req, None).expect("granted");
         assert_eq!(response.scope, scope);
-        let grant = f.authority.verify_bearer(&response.access_token, None).expect("valid bearer");
+        let grant = f
+            .authority
+            .verify_bearer(&response.access_token, None)
+            .expect("valid bearer");
         assert_eq!(grant.scopes().to_string(), scope);
     }
 }
@@ -619,9 +783,18 @@ fn rfc8705_bound_client_must_present_its_certificate() {
     let f = fixture();
     let wrong = certificate_thumbprint(b"someone else's certificate");
     for presented in [None, Some(wrong.as_str())] {
-        let req = request(&KEYS.b_es384.sign_assertion(PARTNER_B, ENDPOINT), "system/Patient.r");
-        let error = f.authority.issue_token(&req, presented).expect_err("refused");
-        assert_eq!(error, TokenError::InvalidClient(AssertionRejection::CertificateMismatch));
+        let req = request(
+            &KEYS.b_es384.sign_assertion(PARTNER_B, ENDPOINT),
+            "system/Patient.r",
+        );
+        let error = f
+            .authority
+            .issue_token(&req, presented)
+            .expect_err("refused");
+        assert_eq!(
+            error,
+            TokenError::InvalidClient(AssertionRejection::CertificateMismatch)
+        );
     }
 }
 
@@ -629,12 +802,18 @@ fn rfc8705_bound_client_must_present_its_certificate() {
 fn rfc8705_token_carries_cnf_and_bearer_must_match_it() {
     let f = fixture();
     let cert = b_cert();
-    let req = request(&KEYS.b_es384.sign_assertion(PARTNER_B, ENDPOINT), "system/Patient.r");
+    let req = request(
+        &KEYS.b_es384.sign_assertion(PARTNER_B, ENDPOINT),
+        "system/Patient.r",
+    );
     let response = f.authority.issue_token(&req, Some(&cert)).expect("granted");
     let claims = decode_claims(&response.access_token);
     assert_eq!(claims["cnf"], json!({ "x5t#S256": cert }));
 
-    let grant = f.authority.verify_bearer(&response.access_token, Some(&cert)).expect("bound ok");
+    let grant = f
+        .authority
+        .verify_bearer(&response.access_token, Some(&cert))
+        .expect("bound ok");
     assert_eq!(grant.cert_thumbprint(), Some(cert.as_str()));
     let other = certificate_thumbprint(b"another certificate");
     // Refused whether or not the signature check is served from the cache.
@@ -654,10 +833,16 @@ fn rfc8705_token_carries_cnf_and_bearer_must_match_it() {
 #[test]
 fn rfc8705_unbound_client_gets_no_cnf() {
     let f = fixture();
-    let response = f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT)).expect("granted");
+    let response = f
+        .token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT))
+        .expect("granted");
     assert!(decode_claims(&response.access_token).get("cnf").is_none());
     let any_cert = certificate_thumbprint(b"any");
-    assert!(f.authority.verify_bearer(&response.access_token, Some(&any_cert)).is_ok());
+    assert!(
+        f.authority
+            .verify_bearer(&response.access_token, Some(&any_cert))
+            .is_ok()
+    );
 }
 
 // --- Access tokens and bearer verification ---------------------------------------------------
@@ -665,19 +850,24 @@ fn rfc8705_unbound_client_gets_no_cnf() {
 fn decode_claims(token: &str) -> Value {
     use base64::Engine as _;
     let part = token.split('.').nth(1).expect("claims part");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).expect("base64url");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
     serde_json::from_slice(&bytes).expect("json")
 }
 
 fn decode_header(token: &str) -> Value {
     use base64::Engine as _;
     let part = token.split('.').next().expect("header part");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).expect("base64url");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
     serde_json::from_slice(&bytes).expect("json")
 }
 
 fn issued(f: &Fixture) -> TokenResponse {
-    f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT)).expect("granted")
+    f.token(&KEYS.a_es384.sign_assertion(PARTNER_A, ENDPOINT))
+        .expect("granted")
 }
 
 #[test]
@@ -708,9 +898,15 @@ fn rfc6750_bearer_yields_grant_and_cache_hit_returns_same_grant() {
     assert_eq!(first.client_id(), PARTNER_A);
     assert!(first.scopes().allows("Observation", Interaction::Read));
     assert!(!first.scopes().allows("Observation", Interaction::Create));
-    assert_eq!(first.authorize("Observation", Interaction::Create), Err(BearerError::InsufficientScope));
+    assert_eq!(
+        first.authorize("Observation", Interaction::Create),
+        Err(BearerError::InsufficientScope)
+    );
     let second = f.authority.verify_bearer(&token, None).expect("valid");
-    assert!(Arc::ptr_eq(&first, &second), "second call must be served from the cache");
+    assert!(
+        Arc::ptr_eq(&first, &second),
+        "second call must be served from the cache"
+    );
 }
 
 #[test]
@@ -719,11 +915,17 @@ fn rfc6750_expired_bearer_is_rejected_on_cache_hit_and_miss() {
     let token = issued(&f).access_token;
     assert!(f.authority.verify_bearer(&token, None).is_ok());
     f.clock.advance(300 + 30 + 1);
-    assert_eq!(f.authority.verify_bearer(&token, None), Err(BearerError::Expired));
+    assert_eq!(
+        f.authority.verify_bearer(&token, None),
+        Err(BearerError::Expired)
+    );
     // A peer node that never saw the token reaches the same answer through the signature path.
     let peer = fixture();
     peer.clock.advance(300 + 30 + 1);
-    assert_eq!(peer.authority.verify_bearer(&token, None), Err(BearerError::Expired));
+    assert_eq!(
+        peer.authority.verify_bearer(&token, None),
+        Err(BearerError::Expired)
+    );
 }
 
 #[test]
@@ -731,7 +933,13 @@ fn cluster_peer_with_same_signing_key_verifies_tokens() {
     let f = fixture();
     let token = issued(&f).access_token;
     let peer = fixture();
-    assert_eq!(peer.authority.verify_bearer(&token, None).expect("valid").client_id(), PARTNER_A);
+    assert_eq!(
+        peer.authority
+            .verify_bearer(&token, None)
+            .expect("valid")
+            .client_id(),
+        PARTNER_A
+    );
 }
 
 #[test]
@@ -744,22 +952,44 @@ fn rfc8725_bearer_must_be_es256_at_jwt_signed_by_our_key() {
 
     // Another P-256 key posing as ours.
     let impostor = PartnerKey::generate_es256("x").sign_claims(&claims, &header);
-    assert_eq!(f.authority.verify_bearer(&impostor, None), Err(BearerError::BadSignature));
+    assert_eq!(
+        f.authority.verify_bearer(&impostor, None),
+        Err(BearerError::BadSignature)
+    );
     // alg none, HS256 keyed with our public JWK, a client assertion used as a bearer.
-    let none = unsigned_token(&json!({"alg": "none", "typ": "at+jwt", "kid": kid}), &claims);
-    assert_eq!(f.authority.verify_bearer(&none, None), Err(BearerError::NotOurs));
+    let none = unsigned_token(
+        &json!({"alg": "none", "typ": "at+jwt", "kid": kid}),
+        &claims,
+    );
+    assert_eq!(
+        f.authority.verify_bearer(&none, None),
+        Err(BearerError::NotOurs)
+    );
     let hs = hmac_token(
         f.authority.jwks().to_string().as_bytes(),
         &json!({"alg": "HS256", "typ": "at+jwt", "kid": kid}),
         &claims,
     );
-    assert_eq!(f.authority.verify_bearer(&hs, None), Err(BearerError::NotOurs));
+    assert_eq!(
+        f.authority.verify_bearer(&hs, None),
+        Err(BearerError::NotOurs)
+    );
     let assertion = KEYS.a_es256.sign_assertion(PARTNER_A, ENDPOINT);
-    assert_eq!(f.authority.verify_bearer(&assertion, None), Err(BearerError::NotOurs));
+    assert_eq!(
+        f.authority.verify_bearer(&assertion, None),
+        Err(BearerError::NotOurs)
+    );
     // Tampered scope.
     let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
-    parts[1] = base64_url(with(claims.clone(), "scope", json!("system/*.cruds")).to_string().as_bytes());
-    assert_eq!(f.authority.verify_bearer(&parts.join("."), None), Err(BearerError::BadSignature));
+    parts[1] = base64_url(
+        with(claims.clone(), "scope", json!("system/*.cruds"))
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(
+        f.authority.verify_bearer(&parts.join("."), None),
+        Err(BearerError::BadSignature)
+    );
 }
 
 #[test]
@@ -769,7 +999,8 @@ fn rfc6750_bearer_issued_elsewhere_or_for_unknown_client_is_rejected() {
     let kid = f.authority.jwks()["keys"][0]["kid"].clone();
     let header = json!({"alg": "ES256", "typ": "at+jwt", "kid": kid});
     // The gateway key, reloaded as a testkit key, lets us sign arbitrary access-token claims.
-    let gateway = PartnerKey::from_private_pem("gw", KeyAlg::Es256, &keys.gateway_pem).expect("pem");
+    let gateway =
+        PartnerKey::from_private_pem("gw", KeyAlg::Es256, &keys.gateway_pem).expect("pem");
     let base = decode_claims(&issued(&f).access_token);
     for (field, value) in [
         ("iss", json!("https://other.example")),
@@ -777,16 +1008,21 @@ fn rfc6750_bearer_issued_elsewhere_or_for_unknown_client_is_rejected() {
         ("sub", json!("unregistered")),
     ] {
         let token = gateway.sign_claims(&with(base.clone(), field, value), &header);
-        assert_eq!(f.authority.verify_bearer(&token, None), Err(BearerError::WrongIssuerOrAudience));
+        assert_eq!(
+            f.authority.verify_bearer(&token, None),
+            Err(BearerError::WrongIssuerOrAudience)
+        );
     }
     let stale = with(base.clone(), "exp", json!(now() - 100));
     assert_eq!(
-        f.authority.verify_bearer(&gateway.sign_claims(&stale, &header), None),
+        f.authority
+            .verify_bearer(&gateway.sign_claims(&stale, &header), None),
         Err(BearerError::Expired)
     );
     let bad_scope = with(base, "scope", json!("patient/*.read"));
     assert_eq!(
-        f.authority.verify_bearer(&gateway.sign_claims(&bad_scope, &header), None),
+        f.authority
+            .verify_bearer(&gateway.sign_claims(&bad_scope, &header), None),
         Err(BearerError::Malformed)
     );
 }
@@ -794,22 +1030,35 @@ fn rfc6750_bearer_issued_elsewhere_or_for_unknown_client_is_rejected() {
 #[test]
 fn b5_bearer_size_bound_and_garbage() {
     let f = fixture();
-    assert_eq!(f.authority.verify_bearer(&"A".repeat(1024 * 1024), None), Err(BearerError::TooLarge));
+    assert_eq!(
+        f.authority.verify_bearer(&"A".repeat(1024 * 1024), None),
+        Err(BearerError::TooLarge)
+    );
     for garbage in ["", "x", "a.b.c", "e30.e30.e30"] {
-        let error = f.authority.verify_bearer(garbage, None).expect_err("refused");
+        let error = f
+            .authority
+            .verify_bearer(garbage, None)
+            .expect_err("refused");
         assert_eq!(error.status(), 401);
     }
 }
 
 #[test]
 fn rfc6750_www_authenticate_challenges() {
-    assert_eq!(BearerError::Missing.www_authenticate(), r#"Bearer realm="caregate""#);
+    assert_eq!(
+        BearerError::Missing.www_authenticate(),
+        r#"Bearer realm="caregate""#
+    );
     assert_eq!(
         BearerError::Expired.www_authenticate(),
         r#"Bearer realm="caregate", error="invalid_token", error_description="access token has expired""#
     );
     assert_eq!(BearerError::InsufficientScope.status(), 403);
-    assert!(BearerError::InsufficientScope.www_authenticate().contains(r#"error="insufficient_scope""#));
+    assert!(
+        BearerError::InsufficientScope
+            .www_authenticate()
+            .contains(r#"error="insufficient_scope""#)
+    );
 }
 
 #[test]
@@ -860,7 +1109,10 @@ fn setup_rejects_unusable_registered_keys_naming_client_and_kid() {
     let good_ec = KEYS.a_es384.jwk();
     let mut no_kid = good_ec.clone();
     no_kid.as_object_mut().expect("object").remove("kid");
-    assert_eq!(key_error(json!({"keys": [no_kid]})), ("partner-x".into(), "#0".into()));
+    assert_eq!(
+        key_error(json!({"keys": [no_kid]})),
+        ("partner-x".into(), "#0".into())
+    );
 
     let oct = json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"});
     assert_eq!(key_error(json!({"keys": [oct]})).1, "hmac");
@@ -898,7 +1150,10 @@ fn setup_rejects_unusable_registered_keys_naming_client_and_kid() {
     let okp = json!({"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
     assert_eq!(key_error(json!({"keys": [okp]})).1, "ed");
 
-    assert_eq!(key_error(json!({"keys": [good_ec.clone(), good_ec]})).1, "a-ec384");
+    assert_eq!(
+        key_error(json!({"keys": [good_ec.clone(), good_ec]})).1,
+        "a-ec384"
+    );
 }
 
 #[test]
@@ -906,21 +1161,34 @@ fn setup_rejects_bad_client_registrations() {
     let jwks = PartnerKey::jwks(&[&KEYS.a_es384]);
     let mut bad_scope = registration(jwks.clone());
     bad_scope.allowed_scopes = vec!["patient/*.read".into()];
-    assert!(matches!(setup_with(bad_scope), Err(AuthSetupError::Client { .. })));
+    assert!(matches!(
+        setup_with(bad_scope),
+        Err(AuthSetupError::Client { .. })
+    ));
 
     let mut no_scope = registration(jwks.clone());
     no_scope.allowed_scopes = vec![];
-    assert!(matches!(setup_with(no_scope), Err(AuthSetupError::Client { .. })));
+    assert!(matches!(
+        setup_with(no_scope),
+        Err(AuthSetupError::Client { .. })
+    ));
 
-    assert!(matches!(setup_with(registration(json!({"keys": []}))), Err(AuthSetupError::Client { .. })));
+    assert!(matches!(
+        setup_with(registration(json!({"keys": []}))),
+        Err(AuthSetupError::Client { .. })
+    ));
 
     let mut bad_thumbprint = registration(jwks.clone());
     bad_thumbprint.cert_thumbprint = Some("not a digest".into());
-    assert!(matches!(setup_with(bad_thumbprint), Err(AuthSetupError::Client { .. })));
+    assert!(matches!(
+        setup_with(bad_thumbprint),
+        Err(AuthSetupError::Client { .. })
+    ));
 
     let key = SigningKey::generate().expect("key");
     let twice = vec![registration(jwks.clone()), registration(jwks)];
-    let error = Authority::new(AuthConfig::new(ENDPOINT, ISSUER), twice, key).expect_err("duplicate");
+    let error =
+        Authority::new(AuthConfig::new(ENDPOINT, ISSUER), twice, key).expect_err("duplicate");
     assert!(error.to_string().contains("partner-x"));
 }
 
@@ -940,7 +1208,10 @@ fn setup_rejects_unsafe_config() {
     configs.push(huge_leeway);
     for config in configs {
         let key = SigningKey::generate().expect("key");
-        assert!(matches!(Authority::new(config, vec![], key), Err(AuthSetupError::Config(_))));
+        assert!(matches!(
+            Authority::new(config, vec![], key),
+            Err(AuthSetupError::Config(_))
+        ));
     }
 }
 
@@ -950,7 +1221,14 @@ fn signing_key_loads_pkcs8_pem_and_publishes_rfc7638_kid() {
     let again = SigningKey::from_pkcs8_pem(&KEYS.gateway_pem).expect("loads");
     assert_eq!(key.kid(), again.kid());
     let jwk = key.public_jwk();
-    assert_eq!((jwk["kty"].as_str(), jwk["crv"].as_str(), jwk["alg"].as_str()), (Some("EC"), Some("P-256"), Some("ES256")));
+    assert_eq!(
+        (
+            jwk["kty"].as_str(),
+            jwk["crv"].as_str(),
+            jwk["alg"].as_str()
+        ),
+        (Some("EC"), Some("P-256"), Some("ES256"))
+    );
     assert_eq!(jwk["kid"], key.kid());
     assert!(jwk.get("d").is_none());
     assert_ne!(SigningKey::generate().expect("key").kid(), key.kid());
@@ -959,5 +1237,8 @@ fn signing_key_loads_pkcs8_pem_and_publishes_rfc7638_kid() {
         SigningKey::from_pkcs8_pem(&KEYS.a_es384.private_pem()),
         Err(AuthSetupError::SigningKey(_))
     ));
-    assert!(matches!(SigningKey::from_pkcs8_pem("nope"), Err(AuthSetupError::SigningKey(_))));
+    assert!(matches!(
+        SigningKey::from_pkcs8_pem("nope"),
+        Err(AuthSetupError::SigningKey(_))
+    ));
 }

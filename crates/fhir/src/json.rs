@@ -520,6 +520,13 @@ mod tests {
     }
 
     #[test]
+    fn json_b3_duplicate_key_spelt_with_escapes_is_rejected() {
+        let issue =
+            rejected(br#"{"resourceType":"Patient","gender":"male","gend\u0065r":"female"}"#);
+        assert_eq!(issue.expression, vec!["Patient.gender"]);
+    }
+
+    #[test]
     fn json_b3_duplicate_key_at_root_and_without_resource_type() {
         let issue = rejected(br#"{"resourceType":"Patient","id":"a","id":"b"}"#);
         assert_eq!(issue.expression, vec!["Patient.id"]);

@@ -69,14 +69,24 @@ impl fmt::Display for ResourceType {
 #[error("resource type is not supported by this gateway")]
 pub struct UnsupportedResourceType;
 
-/// A single (non-Bundle) resource that passed the schema and every UK rule. Only
-/// [`crate::Validator`] constructs one ("parse, don't validate").
-#[derive(Debug, Clone)]
+/// A resource that passed the schema and every UK rule. Only [`crate::Validator`] constructs one
+/// ("parse, don't validate"). Its `Debug` shows the type and id only: the content carries patient
+/// identifiers, which never go to logs.
+#[derive(Clone)]
 pub struct ValidatedResource {
     pub(crate) resource_type: ResourceType,
     pub(crate) value: Value,
     pub(crate) nhs_number: Option<NhsNumber>,
     pub(crate) identifiers: Vec<String>,
+}
+
+impl fmt::Debug for ValidatedResource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidatedResource")
+            .field("resource_type", &self.resource_type)
+            .field("id", &self.id())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ValidatedResource {

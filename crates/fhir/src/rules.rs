@@ -16,6 +16,8 @@
 //! Diagnostics name the rule and the FHIRPath location; they never contain a value from the
 //! resource.
 
+use std::fmt::{self, Write as _};
+
 use serde_json::{Map, Value};
 
 use crate::identifier::{self, normalise_system};
@@ -35,8 +37,9 @@ pub struct RulesConfig {
     pub allowed_reference_bases: Vec<String>,
 }
 
-/// What the walk learned about the resource, for the stages after validation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What the walk learned about the resource, for the stages after validation. `Debug` redacts
+/// the identifiers: they include the NHS number.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct RuleFacts {
     /// The patient's NHS number: a Patient's own NHS-number identifier, or for other types the
     /// NHS-number identifier of the `subject`, `patient` or `beneficiary` reference.
@@ -47,6 +50,19 @@ pub struct RuleFacts {
     /// `(reference, expression)` for every `urn:uuid:`/`urn:oid:` reference: these must resolve
     /// to a `fullUrl` inside the enclosing Bundle.
     pub bundle_references: Vec<(String, String)>,
+}
+
+impl fmt::Debug for RuleFacts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleFacts")
+            .field("nhs_number", &self.nhs_number)
+            .field(
+                "identifiers",
+                &format_args!("[{} redacted]", self.identifiers.len()),
+            )
+            .field("bundle_references", &self.bundle_references)
+            .finish()
+    }
 }
 
 /// Check `value` (a resource of `resource_type`) against the rules in the module docs, pushing
@@ -197,9 +213,8 @@ impl Walker<'_, '_> {
                 };
                 for (index, item) in items.iter_mut().enumerate() {
                     let len = path.len();
-                    path.push('[');
-                    path.push_str(&index.to_string());
-                    path.push(']');
+                    // Writing to a String cannot fail.
+                    let _ = write!(path, "[{index}]");
                     self.walk(item, path, depth + 1, item_place, scope);
                     path.truncate(len);
                 }
@@ -249,10 +264,18 @@ impl Walker<'_, '_> {
         {
             *system = current.to_owned();
         }
-        if let (Some(Value::String(system)), Some(Value::String(value))) =
-            (map.get("system"), map.get("value"))
-        {
-            self.check_identifier(system, value, path, place.role);
+        match (map.get("system"), map.get("value")) {
+            (Some(Value::String(system)), Some(Value::String(value))) => {
+                self.check_identifier(system, value, path, place.role);
+            }
+            // A number or object where an NHS number or ODS code belongs would otherwise skip
+            // the checks below if the schema let it through.
+            (Some(Value::String(system)), Some(_)) if is_checked_system(system) => self.report(
+                IssueCode::Value,
+                &format!("{path}.value"),
+                "identifier value must be a string",
+            ),
+            _ => {}
         }
         if let Some(Value::String(reference)) = map.get("reference") {
             self.check_reference(reference, path, scope);
@@ -415,6 +438,14 @@ impl Walker<'_, '_> {
             url.strip_prefix(base)?.strip_prefix('/')
         })
     }
+}
+
+/// Systems whose identifier values this module checks.
+fn is_checked_system(system: &str) -> bool {
+    matches!(
+        system,
+        identifier::NHS_NUMBER | identifier::ODS_ORGANIZATION_CODE | identifier::ODS_SITE_CODE
+    )
 }
 
 /// Append `.key` to the path. A key that is not a FHIR element name is not echoed (it could hold
@@ -620,6 +651,14 @@ mod tests {
     }
 
     #[test]
+    fn nhsno_identifier_value_must_be_a_string() {
+        let checked = check(json!({"resourceType": "Patient", "identifier": [
+            {"system": NHS, "value": 9_434_765_919_u64}]}));
+        only_issue(&checked, IssueCode::Value, "Patient.identifier[0].value");
+        assert_eq!(checked.facts.nhs_number, None);
+    }
+
+    #[test]
     fn nhsno_test_number_rejected_under_production_policy() {
         let production = RulesConfig {
             nhs_number: NhsNumberPolicy {
@@ -648,6 +687,14 @@ mod tests {
                 format!("{NHS}|{VALID}")
             ]
         );
+    }
+
+    #[test]
+    fn nhsno_facts_debug_redacts_identifiers() {
+        let checked = check(patient_with_nhs_number(VALID));
+        let debug = format!("{:?}", checked.facts);
+        assert!(!debug.contains(VALID) && !debug.contains("MRN1"), "{debug}");
+        assert!(debug.contains("[2 redacted]"), "{debug}");
     }
 
     #[test]

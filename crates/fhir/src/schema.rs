@@ -477,3 +477,32 @@ fn keyword_name(kind: &ValidationErrorKind) -> &'static str {
         _ => "schema evaluation",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fhir_path_indexes_arrays_and_drops_the_primitive_extension_underscore() {
+        let location = Location::new().join("name").join(0).join("_given").join(1);
+        assert_eq!(fhir_path("Patient", &location), "Patient.name[0].given[1]");
+        assert_eq!(fhir_path("Patient", &Location::new()), "Patient");
+    }
+
+    #[test]
+    fn registry_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<SchemaRegistry>();
+    }
+
+    #[test]
+    fn unknown_element_names_only_plausible_element_names() {
+        assert_eq!(
+            unknown_element("Patient", "foo").expression,
+            ["Patient.foo"]
+        );
+        let issue = unknown_element("Patient", "9434765919");
+        assert_eq!(issue.expression, ["Patient"]);
+        assert!(!issue.diagnostics.contains("9434765919"));
+    }
+}
