@@ -109,7 +109,25 @@ pub struct Gateway {
     pub partners: Vec<TestPartner>,
     pub base_url: String,
     pub client: Client,
+    /// The CA certificate clients trust when the config names its own TLS certificate.
+    pub trust_pem: Option<Vec<u8>>,
     child: Option<Child>,
+}
+
+/// Everything a test can vary about the generated configuration.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub partners: Vec<TestPartner>,
+    /// Lines for the `[limits]` section.
+    pub limits_toml: String,
+    /// Whole extra sections (e.g. `[tls]`), with paths relative to the config's directory.
+    pub extra_toml: String,
+    /// `(partner id, TOML line)` added to that partner's table.
+    pub partner_extra: Vec<(String, String)>,
+    /// Files written beside the config (certificates, keys).
+    pub files: Vec<(String, String)>,
+    /// The CA to trust instead of the dev certificate.
+    pub trust_pem: Option<Vec<u8>>,
 }
 
 impl Gateway {
@@ -120,17 +138,33 @@ impl Gateway {
 
     /// Start a gateway with these partners and extra TOML appended to the `[limits]` section.
     pub fn start_with(partners: Vec<TestPartner>, limits_toml: &str) -> Self {
+        Self::start_configured(Options {
+            partners,
+            limits_toml: limits_toml.into(),
+            ..Options::default()
+        })
+    }
+
+    /// Start a gateway from full options.
+    pub fn start_configured(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nshutdown_grace_secs = 10\n\n[limits]\n{limits_toml}\n\n"
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nshutdown_grace_secs = 10\n\n[limits]\n{}\n\n{}\n\n",
+            options.limits_toml, options.extra_toml
         );
-        for partner in &partners {
+        for partner in &options.partners {
             let jwks_path = dir.path().join(format!("{}.jwks.json", partner.id));
             std::fs::write(&jwks_path, PartnerKey::jwks(&[&partner.key]).to_string())
                 .expect("write jwks");
             let scopes: Vec<String> = partner.scopes.iter().map(|s| format!("\"{s}\"")).collect();
+            let extra = options
+                .partner_extra
+                .iter()
+                .filter(|(id, _)| *id == partner.id)
+                .map(|(_, line)| format!("{line}\n"))
+                .collect::<String>();
             toml.push_str(&format!(
-                "[[partner]]\nid = \"{}\"\nname = \"{}\"\nods_code = \"{}\"\nkind = \"{}\"\nscopes = [{}]\njwks_file = \"{}.jwks.json\"\n\n",
+                "[[partner]]\nid = \"{}\"\nname = \"{}\"\nods_code = \"{}\"\nkind = \"{}\"\nscopes = [{}]\njwks_file = \"{}.jwks.json\"\n{extra}\n",
                 partner.id,
                 partner.id,
                 partner.ods_code,
@@ -139,14 +173,18 @@ impl Gateway {
                 partner.id
             ));
         }
+        for (name, contents) in &options.files {
+            std::fs::write(dir.path().join(name), contents).expect("write file");
+        }
         let config_path = dir.path().join("caregate.toml");
         std::fs::write(&config_path, toml).expect("write config");
         let mut gateway = Self {
             dir,
             config_path,
-            partners,
+            partners: options.partners,
             base_url: String::new(),
             client: Client::new(),
+            trust_pem: options.trust_pem,
             child: None,
         };
         gateway.launch();
@@ -174,20 +212,25 @@ impl Gateway {
         let mut cert = None;
         for line in lines.by_ref() {
             let line = line.expect("read stdout");
-            if let Some(url) = line.strip_prefix("caregate listening on ") {
-                base_url = Some(url.to_owned());
-            }
             if let Some(path) = line.strip_prefix("dev certificate (trust it in clients): ") {
                 cert = Some(PathBuf::from(path));
+            }
+            if let Some(url) = line.strip_prefix("caregate listening on ") {
+                base_url = Some(url.to_owned());
                 break;
             }
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let base_url = base_url.expect("the gateway printed its address");
-        let cert =
-            std::fs::read(cert.expect("dev mode certificate path")).expect("read dev certificate");
-        self.client = client_trusting(&cert);
+        let trust = match (&self.trust_pem, cert) {
+            (Some(pem), _) => pem.clone(),
+            (None, Some(path)) => std::fs::read(path).expect("read dev certificate"),
+            (None, None) => panic!(
+                "no certificate to trust: the gateway is not in dev mode and no trust_pem was given"
+            ),
+        };
+        self.client = client_trusting(&trust);
         self.base_url = base_url;
         self.child = Some(child);
     }

@@ -28,7 +28,8 @@ async fn f1_sigkill_during_ingest_loses_no_acknowledged_record() {
         let count = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for client in 0..CLIENTS {
-            let (client_http, base, token) = (gw.client.clone(), gw.base_url.clone(), token.clone());
+            let (client_http, base, token) =
+                (gw.client.clone(), gw.base_url.clone(), token.clone());
             let (acked, failed, count) = (acked.clone(), failed.clone(), count.clone());
             tasks.push(tokio::spawn(async move {
                 for n in 0u32.. {
@@ -45,7 +46,8 @@ async fn f1_sigkill_during_ingest_loses_no_acknowledged_record() {
                         .await;
                     match sent {
                         Ok(response) if response.status() == StatusCode::CREATED => {
-                            let location = response.headers()["location"].to_str().unwrap().to_owned();
+                            let location =
+                                response.headers()["location"].to_str().unwrap().to_owned();
                             acked.lock().await.push((request_id, location, value));
                             count.fetch_add(1, Ordering::SeqCst);
                         }
@@ -77,17 +79,56 @@ async fn f1_sigkill_during_ingest_loses_no_acknowledged_record() {
     let token = gw.token("gp-a81001").await;
     assert!(acknowledged.len() >= ROUNDS * ACKS_BEFORE_KILL);
     for (location, value) in acknowledged.values() {
-        let path = location.split("/fhir/").nth(1).unwrap().split("/_history").next().unwrap();
-        let reply = gw.send(Method::GET, &format!("/fhir/{path}"), Some(&token), None, &[]).await;
-        assert_eq!(reply.status, StatusCode::OK, "acknowledged {path} is missing after SIGKILL");
-        assert_eq!(reply.body["valueQuantity"]["value"].as_f64(), Some(f64::from(*value)));
+        let path = location
+            .split("/fhir/")
+            .nth(1)
+            .unwrap()
+            .split("/_history")
+            .next()
+            .unwrap();
+        let reply = gw
+            .send(
+                Method::GET,
+                &format!("/fhir/{path}"),
+                Some(&token),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "acknowledged {path} is missing after SIGKILL"
+        );
+        assert_eq!(
+            reply.body["valueQuantity"]["value"].as_f64(),
+            Some(f64::from(*value))
+        );
     }
     // Retrying an unacknowledged request with its X-Request-Id is safe: one record either way.
     for (request_id, value) in &unacknowledged {
-        let body = observation("9434765919", f64::from(*value)).to_string().into_bytes();
+        let body = observation("9434765919", f64::from(*value))
+            .to_string()
+            .into_bytes();
         let headers = [("x-request-id", request_id.as_str())];
-        let first = gw.send(Method::POST, "/fhir/Observation", Some(&token), Some(body.clone()), &headers).await;
-        let second = gw.send(Method::POST, "/fhir/Observation", Some(&token), Some(body), &headers).await;
+        let first = gw
+            .send(
+                Method::POST,
+                "/fhir/Observation",
+                Some(&token),
+                Some(body.clone()),
+                &headers,
+            )
+            .await;
+        let second = gw
+            .send(
+                Method::POST,
+                "/fhir/Observation",
+                Some(&token),
+                Some(body),
+                &headers,
+            )
+            .await;
         assert_eq!(first.status, StatusCode::CREATED);
         assert_eq!(first.header("location"), second.header("location"));
     }

@@ -151,10 +151,10 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
         caregate_gateway::runtime::run(config, shutdown, |started| {
             #[allow(clippy::print_stdout, reason = "the ready line is the CLI's output")]
             {
-                println!("caregate listening on {}", started.base_url);
                 if let Some(path) = &started.dev_certificate_path {
                     println!("dev certificate (trust it in clients): {}", path.display());
                 }
+                println!("caregate listening on {}", started.base_url);
             }
         })
         .await
