@@ -7,7 +7,7 @@
 //! | NHS-number identifiers pass Modulus 11, repdigit and range policy | DOMAIN.md `NHSNO`, B4 | `value` |
 //! | ODS identifiers are 1–9 upper-case alphanumerics | DOMAIN.md `ODS` | `value` |
 //! | a resource states at most one NHS number for its patient | UK Core Patient (`identifier:nhsNumber` 0..1) | `business-rule` |
-//! | `Reference.reference` is `Type/id[/_history/vid]`, `#id` of a contained resource, `urn:uuid:`/`urn:oid:`, or an absolute URL on an allowed base | FHIR <http://hl7.org/fhir/R4/references.html> | `value`, `not-found` |
+//! | `Reference.reference` is `Type/id[/_history/vid]`, `Type?identifier=system|value`, `#id` of a contained resource, `urn:uuid:`/`urn:oid:`, or an absolute URL on an allowed base | FHIR <http://hl7.org/fhir/R4/references.html> | `value`, `not-found` |
 //! | no absolute references or attachment URLs to other servers | OWASP API7 (SSRF), DOMAIN.md B9 | `security` |
 //!
 //! The walk also gathers [`RuleFacts`] (the patient's NHS number, business identifiers, and
@@ -405,12 +405,14 @@ impl Walker<'_, '_> {
                     "absolute references to other servers are not accepted (OWASP API7)",
                 ),
             }
-        } else if !is_relative_reference(reference) {
+        } else if !is_relative_reference(reference)
+            && !is_identifier_conditional_reference(reference)
+        {
             self.report(
                 IssueCode::Value,
                 &expression,
-                "reference must be Type/id, #id, urn:uuid:, urn:oid: or an absolute URL on an \
-                 allowed server",
+                "reference must be Type/id, Type?identifier=system|value, #id, urn:uuid:, \
+                 urn:oid: or an absolute URL on an allowed server",
             );
         }
     }
@@ -514,6 +516,27 @@ fn is_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// A conditional reference by business identifier, `Type?identifier=system|value`
+/// (<http://hl7.org/fhir/R4/http.html#trules>, as bulk exports such as Synthea's use them). It names
+/// the target logically, like `Reference.identifier`, and nothing is fetched to resolve it. Other
+/// search parameters are not accepted: they would need a search the gateway does not offer.
+fn is_identifier_conditional_reference(reference: &str) -> bool {
+    let Some((type_name, query)) = reference.split_once('?') else {
+        return false;
+    };
+    let Some(token) = query.strip_prefix("identifier=") else {
+        return false;
+    };
+    let Some((system, value)) = token.split_once('|') else {
+        return false;
+    };
+    is_type_name(type_name)
+        && !value.is_empty()
+        && !token.contains('&')
+        && !system.chars().any(char::is_whitespace)
+        && !value.chars().any(char::is_whitespace)
 }
 
 /// FHIR `uuid` after `urn:uuid:`: lower-case `8-4-4-4-12` hex.
@@ -1094,5 +1117,22 @@ mod tests {
     fn rules_non_element_keys_are_not_echoed_in_paths() {
         let checked = check(json!({"resourceType": "Patient", (VALID): ""}));
         only_issue(&checked, IssueCode::Value, "Patient.`?`");
+    }
+
+    #[test]
+    fn conditional_identifier_reference_is_accepted_other_searches_are_not() {
+        assert!(is_identifier_conditional_reference(
+            "Location?identifier=https://github.com/synthetichealth/synthea|0c1ec5f5"
+        ));
+        assert!(!is_identifier_conditional_reference("Patient?name=smith"));
+        assert!(!is_identifier_conditional_reference(
+            "Patient?identifier=sys|1&name=x"
+        ));
+        assert!(!is_identifier_conditional_reference(
+            "Patient?identifier=no-bar"
+        ));
+        assert!(!is_identifier_conditional_reference(
+            "patient?identifier=s|v"
+        ));
     }
 }
