@@ -243,20 +243,22 @@ impl Gateway {
         }
     }
 
-    /// SIGTERM the process and wait for it to exit; returns its exit status success.
-    pub fn terminate(&mut self) -> bool {
+    /// SIGTERM the process and wait (asynchronously, so this test's own client connections keep
+    /// being served while the gateway drains them) for it to exit; true if it exited with 0.
+    pub async fn terminate(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return false;
         };
         let pid = child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        for _ in 0..200 {
+        for _ in 0..600 {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = child.kill();
+        let _ = child.wait();
         false
     }
 
