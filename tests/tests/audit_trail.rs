@@ -16,7 +16,8 @@ async fn aud_3_every_request_is_audited_once_with_its_outcome() {
     let token = gw.token("gp-a81001").await;
     let body = |nhs: &str| Some(patient(nhs).to_string().into_bytes());
     let mut sent: Vec<(&str, u16)> = Vec::new();
-    let cases: Vec<(&str, Option<&str>, Method, &str, Option<Vec<u8>>)> = vec![
+    type Case<'a> = (&'a str, Option<&'a str>, Method, &'a str, Option<Vec<u8>>);
+    let cases: Vec<Case<'_>> = vec![
         (
             "req-created",
             Some(&token),
