@@ -3,7 +3,22 @@
 //! failed and rejected calls are recorded in the same detail; ordering is by the store's sequence
 //! number, not the wall clock).
 //!
-//! Architecture invariant: this crate does no I/O; the store persists events.
+//! Tamper evidence (DOMAIN.md B1 "Verifiable logs", B2 `T1`/`T2`): events are the leaves of an
+//! RFC 9162 Merkle tree ([`merkle`]) keyed by sequence number ([`event_hash`]); the store signs
+//! checkpoints of the tree ([`checkpoint`]) and anyone holding the public key can verify a whole
+//! log, or two checkpoints' consistency, offline ([`verify`]).
+//!
+//! Architecture invariant: this crate does no I/O; the store persists events, leaves and
+//! checkpoints.
+
+pub mod checkpoint;
+pub mod event_hash;
+pub mod merkle;
+pub mod verify;
+
+pub use checkpoint::{Checkpoint, CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
+pub use merkle::{Frontier, Hash};
+pub use verify::{LogVerifier, VerifyReport, verify_log};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;

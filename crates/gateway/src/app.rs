@@ -109,6 +109,14 @@ async fn edge(State(state): State<SharedState>, mut request: Request, next: Next
         Some(_) => (uuid::Uuid::new_v4().to_string(), true),
         None => (uuid::Uuid::new_v4().to_string(), false),
     };
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    // The route template, never the raw path: ids in paths may be patient identifiers.
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "(unmatched)".to_owned());
     let ctx = RequestCtx::new(
         request_id.clone(),
         !bad_request_id && request.headers().contains_key("x-request-id"),
@@ -158,6 +166,15 @@ async fn edge(State(state): State<SharedState>, mut request: Request, next: Next
             }
         }
     };
+    tracing::debug!(
+        request_id = %ctx.request_id,
+        %method,
+        %route,
+        status = response.status().as_u16(),
+        partner = ctx.partner_id().as_deref().unwrap_or("-"),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
     if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
         response.headers_mut().insert("x-request-id", value);
     }

@@ -33,7 +33,6 @@ pub fn capability_statement(base_url: &str) -> Value {
             }
             json!({
                 "type": t.as_str(),
-                "profile": format!("{base_url}/schemas/{t}.schema.json"),
                 "interaction": interactions,
                 "versioning": "versioned-update",
                 "readHistory": false,

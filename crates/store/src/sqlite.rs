@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use caregate_audit::AuditEvent;
+use rusqlite::config::DbConfig;
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
 };
@@ -211,9 +212,10 @@ pub struct StoreStats {
 /// The embedded SQLite store. See the module docs for group commit and the fail-stop rule.
 pub struct SqliteStore {
     path: PathBuf,
+    // Field order is drop order: read connections close before the writer is told to stop.
+    readers: Arc<ReadPool>,
     jobs: mpsc::Sender<Job>,
     writer: JoinHandle<()>,
-    readers: Arc<ReadPool>,
     health: Arc<Health>,
 }
 
@@ -294,24 +296,25 @@ impl SqliteStore {
     }
 
     /// Stop taking requests, let the writer commit everything already queued, and wait for it to
-    /// exit. After `Ok(())`, every submission that was queued has been answered and nothing
-    /// acknowledged can be lost. Errors if the writer thread died.
+    /// exit. When this returns, every queued submission has been answered and nothing
+    /// acknowledged can be lost. Errors if the writer thread died or the store had failed
+    /// (poisoned), so a shutdown can report it.
     pub async fn close(self) -> Result<(), StoreError> {
         let Self {
             jobs,
             writer,
             readers,
             path,
-            health: _,
+            health,
         } = self;
-        drop(jobs);
         drop(readers);
+        drop(jobs);
         let joined = tokio::task::spawn_blocking(move || writer.join())
             .await
             .map_err(|_| StoreError::Failed("the store writer could not be joined".to_owned()))?;
         joined.map_err(|_| StoreError::Failed("the store writer thread panicked".to_owned()))?;
         tracing::info!(path = %path.display(), "store closed");
-        Ok(())
+        health.check()
     }
 
     /// Send one request to the writer and wait for its answer (after the commit).
@@ -533,12 +536,15 @@ enum Fault {
     /// A value could not be encoded for storage; nothing about the file is wrong.
     #[error("cannot encode for storage: {0}")]
     Encode(String),
+    /// This process cannot do what the store needs (WAL refused, a poisoned pool lock).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Fault {
     fn severity(&self) -> Severity {
         match self {
-            Self::Refused(_) | Self::Encode(_) => Severity::Local,
+            Self::Refused(_) | Self::Encode(_) | Self::Internal(_) => Severity::Local,
             Self::Sqlite(error) => severity(error),
             Self::Corrupt(_) => Severity::Fatal,
         }
@@ -582,13 +588,24 @@ fn opening_error(fault: Fault) -> StoreError {
     }
 }
 
+/// Every connection skips the checkpoint SQLite runs when a WAL connection closes; the writer
+/// checkpoints explicitly when it finishes, so exactly one thread does it, at a known time. (That
+/// close path deadlocked in SQLite 3.51.1, bundled by rusqlite 0.38, when two connections closed
+/// on different threads at once — rusqlite issue #1860, fixed in 3.51.2. The workspace now uses
+/// rusqlite 0.41 with SQLite 3.54.1; the explicit checkpoint is kept as the simpler design.)
+fn skip_checkpoint_on_close(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    Ok(())
+}
+
 fn open_writer(path: &Path) -> Result<Connection, Fault> {
     let conn = Connection::open(path)?;
+    skip_checkpoint_on_close(&conn)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Fault::Encode(format!(
+        return Err(Fault::Internal(format!(
             "the database refused WAL mode (journal_mode is {mode})"
         )));
     }
@@ -605,6 +622,7 @@ fn open_reader(path: &Path) -> Result<Connection, Fault> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI,
     )?;
+    skip_checkpoint_on_close(&conn)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
 }
@@ -648,7 +666,7 @@ impl ReadPool {
         let idle = self
             .idle
             .lock()
-            .map_err(|_| Fault::Encode("the read connection pool is poisoned".to_owned()))?
+            .map_err(|_| Fault::Internal("the read connection pool is poisoned".to_owned()))?
             .pop();
         match idle {
             Some(conn) => Ok(conn),
@@ -733,7 +751,28 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
+        self.checkpoint();
         tracing::debug!("store writer finished");
+    }
+
+    /// Copy the WAL into the database file and empty it, so that after a clean shutdown
+    /// `caregate.db` alone holds everything (for IG officers who copy just that file). Not needed
+    /// for durability: a WAL left behind is replayed on the next open. Skipped once poisoned, so a
+    /// failing disk is not written again.
+    fn checkpoint(&self) {
+        if self.health.check().is_err() {
+            return;
+        }
+        let result = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            });
+        match result {
+            Ok(0) => {}
+            Ok(_) => tracing::debug!("store checkpoint at shutdown found readers; WAL kept"),
+            Err(error) => tracing::warn!(error = %error, "store checkpoint at shutdown failed"),
+        }
     }
 
     fn commit_batch(&mut self, batch: Vec<Job>) {
@@ -1221,7 +1260,8 @@ mod tests {
         let cursor = store.save_cursor("deliver", 1).await;
         assert!(matches!(cursor, Err(StoreError::Failed(_))), "{cursor:?}");
         assert_eq!(store.read_log(0, 10).await.unwrap().len(), 1);
-        store.close().await.unwrap();
+        let closed = store.close().await;
+        assert!(matches!(closed, Err(StoreError::Failed(_))), "{closed:?}");
     }
 
     #[test]

@@ -15,11 +15,12 @@ use caregate_store::sqlite::{DATABASE_FILE, SqliteOptions, SqliteStore};
 use caregate_store::{
     EntryOutcome, Receipt, RecordWrite, Store, StoreError, Submission, WriteMode,
 };
+use rusqlite::config::DbConfig;
 
 const NHS_NUMBER: &str = "9434765919";
 
 fn open(dir: &Path) -> SqliteStore {
-    SqliteStore::open(dir, SqliteOptions::default()).unwrap()
+    SqliteStore::open(dir, SqliteOptions::default()).expect("store opens")
 }
 
 /// A stand-in for SHA-256 (the store only compares hashes): deterministic, 32 bytes.
@@ -85,15 +86,25 @@ fn update(if_match: Option<i64>) -> WriteMode {
 }
 
 async fn log_len(store: &SqliteStore) -> usize {
-    store.read_log(0, 10_000).await.unwrap().len()
+    store.read_log(0, 10_000).await.expect("log reads").len()
+}
+
+/// A plain connection to the store's file, as any SQLite tool would open. It skips the
+/// checkpoint on close, like the store's own connections (see `skip_checkpoint_on_close`).
+fn raw_connection(dir: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.join(DATABASE_FILE)).expect("database opens");
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .expect("connection configures");
+    conn
 }
 
 /// Hold SQLite's write lock from another connection, as an IG officer's shell could. The store's
 /// writer blocks in `BEGIN IMMEDIATE` (within its busy timeout) until the lock is released, so
 /// requests queued meanwhile are bound to share the next batch.
 fn hold_write_lock(dir: &Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(dir.join(DATABASE_FILE)).unwrap();
-    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let conn = raw_connection(dir);
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .expect("write lock taken");
     conn
 }
 
@@ -761,8 +772,14 @@ async fn ig_officers_can_query_the_audit_table_with_plain_sql() {
         .await
         .unwrap();
     store.close().await.unwrap();
+    let wal = dir.path().join(format!("{DATABASE_FILE}-wal"));
+    let wal_len = std::fs::metadata(wal).map_or(0, |wal| wal.len());
+    assert_eq!(
+        wal_len, 0,
+        "after a clean close the database file alone holds everything"
+    );
 
-    let conn = rusqlite::Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+    let conn = raw_connection(dir.path());
     let (partner, action, outcome, resource): (String, String, String, String) = conn
         .query_row(
             "SELECT partner_id, action, outcome, resource_type || '/' || resource_id \
