@@ -60,7 +60,8 @@ pub struct Checkpoint {
     pub size: u64,
     /// RFC 9162 root of the first `size` leaves.
     pub root: Hash,
-    /// When the log signed it. Encoded in UTC to the second's fraction the clock gave.
+    /// When the log signed it. Written in UTC (with any fraction of a second it has); parsed
+    /// from any RFC 3339 offset.
     pub timestamp: OffsetDateTime,
 }
 
@@ -97,10 +98,16 @@ impl Checkpoint {
             ));
         };
         if !is_valid_key_name(origin) {
-            return Err(malformed(1, "the origin is empty or has a space, '+' or control"));
+            return Err(malformed(
+                1,
+                "the origin is empty or has a space, '+' or control",
+            ));
         }
         let size = parse_size(size).ok_or_else(|| {
-            malformed(2, "the tree size is not a decimal number without leading zeros")
+            malformed(
+                2,
+                "the tree size is not a decimal number without leading zeros",
+            )
         })?;
         let root = BASE64
             .decode(root)
@@ -181,13 +188,19 @@ impl SignedCheckpoint {
         // The text ends at the last blank line (c2sp.org/signed-note "Format"): the first
         // newline of the last "\n\n" ends the text, the second is the separator.
         let Some(split) = text.rfind("\n\n") else {
-            return Err(malformed(0, "no blank line separates the text from the signatures"));
+            return Err(malformed(
+                0,
+                "no blank line separates the text from the signatures",
+            ));
         };
         let (note_text, rest) = text.split_at(split + 1);
         let signature_block = &rest[1..];
         let checkpoint = Checkpoint::parse_note_text(note_text)?;
         let text_lines = note_text.matches('\n').count();
 
+        if signature_block.is_empty() {
+            return Err(malformed(0, "the checkpoint has no signature lines"));
+        }
         let Some(signature_block) = signature_block.strip_suffix('\n') else {
             return Err(malformed(0, "the checkpoint does not end with a newline"));
         };
@@ -471,8 +484,8 @@ impl CheckpointVerifier {
         if !is_valid_key_name(&log_id) {
             return Err(KeyError::InvalidLogId);
         }
-        let public_key =
-            <[u8; ED25519_PUBLIC_KEY_LEN]>::try_from(public_key).map_err(|_| KeyError::BadPublicKey)?;
+        let public_key = <[u8; ED25519_PUBLIC_KEY_LEN]>::try_from(public_key)
+            .map_err(|_| KeyError::BadPublicKey)?;
         let key_id = key_id(&log_id, &public_key);
         Ok(Self {
             log_id,
@@ -600,7 +613,11 @@ mod tests {
         let mut local = checkpoint(1);
         local.timestamp = datetime!(2025-06-01 10:00:00 +01:00);
         let signed = signer().sign(&local).unwrap();
-        assert!(signed.to_text().contains("timestamp 2025-06-01T09:00:00Z\n"));
+        assert!(
+            signed
+                .to_text()
+                .contains("timestamp 2025-06-01T09:00:00Z\n")
+        );
         assert_eq!(signed.unverified().timestamp, local.timestamp);
     }
 
@@ -627,7 +644,10 @@ mod tests {
         }
         // Another origin: not this log's checkpoint at all.
         let moved = text.replace(LOG, "elsewhere.example/audit");
-        assert_eq!(verifier.verify_text(&moved), Err(CheckpointError::OriginMismatch));
+        assert_eq!(
+            verifier.verify_text(&moved),
+            Err(CheckpointError::OriginMismatch)
+        );
     }
 
     #[test]
@@ -718,9 +738,9 @@ mod tests {
         assert_eq!(
             signer.public_key_base64(),
             BASE64.encode([
-                0x19, 0xbf, 0x44, 0x09, 0x69, 0x84, 0xcd, 0xfe, 0x85, 0x41, 0xba, 0xc1, 0x67,
-                0xdc, 0x3b, 0x96, 0xc8, 0x50, 0x86, 0xaa, 0x30, 0xb6, 0xb6, 0xcb, 0x0c, 0x5c,
-                0x38, 0xad, 0x70, 0x31, 0x66, 0xe1,
+                0x19, 0xbf, 0x44, 0x09, 0x69, 0x84, 0xcd, 0xfe, 0x85, 0x41, 0xba, 0xc1, 0x67, 0xdc,
+                0x3b, 0x96, 0xc8, 0x50, 0x86, 0xaa, 0x30, 0xb6, 0xb6, 0xcb, 0x0c, 0x5c, 0x38, 0xad,
+                0x70, 0x31, 0x66, 0xe1,
             ])
         );
     }
@@ -763,7 +783,10 @@ mod tests {
             .decode("ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW")
             .unwrap();
         assert_eq!(key_pair.public_key().as_ref(), &public[1..]);
-        assert_eq!(key_id("PeterNeumann", &public[1..]), [0xc7, 0x4f, 0x20, 0xa3]);
+        assert_eq!(
+            key_id("PeterNeumann", &public[1..]),
+            [0xc7, 0x4f, 0x20, 0xa3]
+        );
 
         let text = "If you think cryptography is the answer to your problem,\n\
                     then you don't know what your problem is.\n";
@@ -799,6 +822,11 @@ mod tests {
             SignedCheckpoint::parse(&text.replacen('\n', "\r", 1)),
             Err(CheckpointError::Malformed { line: 0, .. })
         ));
+        let unsigned = &text[..text.find("\n\n").unwrap() + 2];
+        assert_eq!(
+            SignedCheckpoint::parse(unsigned),
+            Err(malformed(0, "the checkpoint has no signature lines"))
+        );
         assert!(matches!(
             SignedCheckpoint::parse(&text[..text.len() - 1]),
             Err(CheckpointError::Malformed { line: 0, .. })

@@ -177,8 +177,14 @@ mod tests {
         let mut preimage = vec![0x00];
         preimage.extend_from_slice(&7u64.to_be_bytes());
         preimage.extend_from_slice(&bytes);
-        assert_eq!(event_leaf_hash(7, &bytes), crate::merkle::sha256(&[&preimage]));
-        assert_eq!(golden_event().audit_leaf_hash(7).unwrap(), event_leaf_hash(7, &bytes));
+        assert_eq!(
+            event_leaf_hash(7, &bytes),
+            crate::merkle::sha256(&[&preimage])
+        );
+        assert_eq!(
+            golden_event().audit_leaf_hash(7).unwrap(),
+            event_leaf_hash(7, &bytes)
+        );
     }
 
     #[test]
@@ -187,7 +193,10 @@ mod tests {
         // this order, and the canonical writer must still sort.
         let mut map = serde_json::Map::new();
         map.insert("z".into(), Value::from(1));
-        map.insert("a".into(), serde_json::json!({"y": [true, null], "b": "é\n"}));
+        map.insert(
+            "a".into(),
+            serde_json::json!({"y": [true, null], "b": "é\n"}),
+        );
         let bytes = canonical_json(&Value::Object(map)).unwrap();
         assert_eq!(
             String::from_utf8(bytes).unwrap(),

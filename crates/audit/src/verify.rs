@@ -110,7 +110,10 @@ impl fmt::Display for Finding {
             ),
             Self::UnencodableEvent { seq } => write!(f, "event {seq} cannot be encoded"),
             Self::LeafMismatch { seq } => {
-                write!(f, "event {seq} does not match its recorded leaf hash (altered)")
+                write!(
+                    f,
+                    "event {seq} does not match its recorded leaf hash (altered)"
+                )
             }
             Self::CheckpointMismatch {
                 checkpoint_size,
@@ -232,7 +235,8 @@ impl LogVerifier {
             }
         }
         authentic.sort_by(|a, b| a.size.cmp(&b.size).then_with(|| a.root.cmp(&b.root)));
-        authentic.dedup_by(|later, earlier| later.size == earlier.size && later.root == earlier.root);
+        authentic
+            .dedup_by(|later, earlier| later.size == earlier.size && later.root == earlier.root);
         for pair in authentic.windows(2) {
             if let [a, b] = pair
                 && a.size == b.size
@@ -443,9 +447,9 @@ pub fn verify_event_inclusion<E: AuditLeaf + ?Sized>(
     let Some(index) = seq.checked_sub(1) else {
         return false;
     };
-    event.audit_leaf_hash(seq).is_ok_and(|leaf| {
-        verify_inclusion(&leaf, index, checkpoint.size, proof, &checkpoint.root)
-    })
+    event
+        .audit_leaf_hash(seq)
+        .is_ok_and(|leaf| verify_inclusion(&leaf, index, checkpoint.size, proof, &checkpoint.root))
 }
 
 #[cfg(test)]
@@ -768,7 +772,11 @@ mod tests {
         let resigned = fixture.checkpoint_over(&forked, 20);
 
         // The forked log verifies against its own new checkpoint...
-        assert!(fixture.verify(&forked, std::slice::from_ref(&resigned)).is_ok());
+        assert!(
+            fixture
+                .verify(&forked, std::slice::from_ref(&resigned))
+                .is_ok()
+        );
         // ...but not against the witness's.
         let report = fixture.verify(&forked, &[witness[0].clone(), resigned.clone()]);
         assert_eq!(
@@ -798,9 +806,11 @@ mod tests {
         // Two signed checkpoints of one size with different roots are a fork by themselves.
         let forked_16 = fixture.checkpoint_over(&forked, 16);
         let report = fixture.verify(&fixture.rows, &[witness[0].clone(), forked_16]);
-        assert!(report
-            .findings
-            .contains(&Finding::ConflictingCheckpoints { size: 16 }));
+        assert!(
+            report
+                .findings
+                .contains(&Finding::ConflictingCheckpoints { size: 16 })
+        );
     }
 
     #[test]

@@ -69,12 +69,14 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let server_tls = tls::server_config(&config.tls)?;
     let validator = validator_for(&config)?;
-    let store = SqliteStore::open(&config.data_dir, SqliteOptions::default()).map_err(|e| {
-        StartError::Store {
-            path: config.data_dir.display().to_string(),
-            reason: e.to_string(),
-        }
-    })?;
+    let store = Arc::new(
+        SqliteStore::open(&config.data_dir, SqliteOptions::default()).map_err(|e| {
+            StartError::Store {
+                path: config.data_dir.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?,
+    );
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Bind {
@@ -144,7 +146,7 @@ pub async fn run(
         .collect();
     let state = Arc::new(AppState {
         validator,
-        store: Arc::new(store),
+        store: store.clone(),
         authority,
         partners,
         base_url: base_url.clone(),
