@@ -126,3 +126,44 @@ async fn aud_3_every_request_is_audited_once_with_its_outcome() {
         && e.event.actor.client_id.as_deref() == Some("gp-a81001")
         && e.event.outcome == Outcome::Success));
 }
+
+/// DOMAIN.md B2 `T1` end to end: the audit log a real gateway wrote verifies offline with
+/// `caregate audit verify`, and an edit made directly in the database is detected.
+#[tokio::test]
+async fn t1_audit_verify_passes_then_detects_a_direct_edit() {
+    let mut gw = Gateway::start();
+    let token = gw.token("gp-a81001").await;
+    for _ in 0..5 {
+        gw.post("/fhir/Patient", &token, &patient("9434765919"))
+            .await;
+    }
+    assert!(gw.terminate().await);
+    let data = gw.data_dir();
+    let verify = || {
+        std::process::Command::new(caregate_e2e::binary())
+            .args(["audit", "verify", "--data"])
+            .arg(&data)
+            .output()
+            .expect("run caregate audit verify")
+    };
+    let clean = verify();
+    let stdout = String::from_utf8_lossy(&clean.stdout).to_string();
+    assert!(
+        clean.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(stdout.contains("VERIFIED"), "{stdout}");
+
+    let conn = rusqlite::Connection::open(data.join("caregate.db")).unwrap();
+    conn.execute(
+        "UPDATE audit_events SET event = replace(event, 'success', 'rejected') WHERE seq = 3",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let tampered = verify();
+    let stdout = String::from_utf8_lossy(&tampered.stdout).to_string();
+    assert_eq!(tampered.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("first bad:    event 3"), "{stdout}");
+}

@@ -10,6 +10,8 @@ use caregate_gateway::config::Config;
 use caregate_testkit::keys::{KeyAlg, PartnerKey};
 use clap::{Parser, Subcommand};
 
+mod audit_cli;
+
 /// caregate — a FHIR R4 gateway that lets GP practices, trusts, pharmacies and councils in an
 /// Integrated Care System share care records safely: authenticated, validated, durable, audited.
 #[derive(Debug, Parser)]
@@ -69,6 +71,11 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Audit log checks for IG officers: verify the tamper evidence offline, export a checkpoint.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cli::AuditCommand,
+    },
     /// Generate a signing key pair for a partner's client: writes `<ID>.key.pem` (private, keep
     /// it with the partner, mode 0600) and `<ID>.jwks.json` (public, register it in the config).
     PartnerKey {
@@ -103,6 +110,7 @@ fn main() -> ExitCode {
             raw,
         } => token(&config, &partner, key, scope, url, ca_cert, raw),
         Command::PartnerKey { partner, alg, out } => partner_key(&partner, &alg, &out),
+        Command::Audit { command } => audit_cli::run(command),
     };
     match result {
         Ok(code) => code,

@@ -26,6 +26,8 @@ pub struct ConfigFile {
     pub auth: AuthSection,
     #[serde(default)]
     pub validation: ValidationSection,
+    #[serde(default)]
+    pub audit: AuditSection,
     #[serde(default, rename = "partner")]
     pub partners: Vec<PartnerSection>,
 }
@@ -151,6 +153,33 @@ impl Default for ValidationSection {
     }
 }
 
+/// The audit log's tamper evidence (RFC 9162 Merkle tree with signed checkpoints).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// The log's name in its checkpoints (no spaces or `+`), e.g. `caregate.example-ics.nhs.uk/audit`.
+    pub log_id: String,
+    /// PKCS#8 PEM Ed25519 key that signs checkpoints. Absent: dev mode — a key is generated once
+    /// and kept in the data directory (`audit-signing-key.pem`), which protects against nothing
+    /// an attacker with the data directory cannot also do. Keep the production key elsewhere.
+    pub signing_key: Option<PathBuf>,
+    /// Sign a checkpoint after this many new events…
+    pub checkpoint_every_events: u64,
+    /// …or this many seconds after the last one, whichever comes first.
+    pub checkpoint_every_secs: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            log_id: "caregate/audit".to_owned(),
+            signing_key: None,
+            checkpoint_every_events: 1000,
+            checkpoint_every_secs: 60,
+        }
+    }
+}
+
 /// Organisation kinds in an ICS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -265,6 +294,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub auth: AuthSection,
     pub validation: ValidationSection,
+    pub audit: AuditSection,
     pub partners: Vec<Partner>,
 }
 
@@ -421,6 +451,28 @@ impl Validator<'_> {
         tls.cert = tls.cert.map(|p| self.resolve(&p));
         tls.key = tls.key.map(|p| self.resolve(&p));
         tls.client_ca = tls.client_ca.map(|p| self.resolve(&p));
+        let mut audit = file.audit.clone();
+        if audit.log_id.is_empty()
+            || audit.log_id.len() > 200
+            || audit
+                .log_id
+                .chars()
+                .any(|c| c.is_whitespace() || c == '+' || c.is_control())
+        {
+            return Err(self.error(
+                "audit.log_id",
+                Some("log_id"),
+                "must be 1-200 printable characters without spaces or '+'",
+            ));
+        }
+        if audit.checkpoint_every_events == 0 || audit.checkpoint_every_secs == 0 {
+            return Err(self.error(
+                "audit",
+                Some("checkpoint_every"),
+                "checkpoint intervals must be at least 1",
+            ));
+        }
+        audit.signing_key = audit.signing_key.map(|p| self.resolve(&p));
         let mut auth = file.auth.clone();
         auth.signing_key = auth.signing_key.map(|p| self.resolve(&p));
 
@@ -550,6 +602,7 @@ impl Validator<'_> {
             limits: file.limits,
             auth,
             validation: file.validation,
+            audit,
             partners,
         })
     }

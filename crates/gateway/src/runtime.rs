@@ -7,12 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use caregate_audit::checkpoint::{CheckpointSchedule, CheckpointSigner};
 use caregate_auth::{AuthConfig, Authority, ClientRegistration, SigningKey};
 use caregate_fhir::Validator;
 use caregate_fhir::json::JsonLimits;
 use caregate_fhir::rules::RulesConfig;
 use caregate_fhir::validate::ValidatorConfig;
-use caregate_store::sqlite::{SqliteOptions, SqliteStore};
+use caregate_store::sqlite::{AuditSigning, SqliteOptions, SqliteStore};
 use tokio::net::TcpListener;
 
 use crate::app::{AppState, router};
@@ -32,6 +33,8 @@ pub enum StartError {
     Partners(String),
     #[error("token signing key {path}: {reason}")]
     SigningKey { path: String, reason: String },
+    #[error("audit signing key {path}: {reason}")]
+    AuditKey { path: String, reason: String },
     #[error("cannot listen on {addr}: {reason}")]
     Bind { addr: SocketAddr, reason: String },
 }
@@ -61,6 +64,84 @@ pub fn validator_for(config: &Config) -> Result<Validator, StartError> {
     .map_err(|e| StartError::Schema(e.to_string()))
 }
 
+/// File names in the data directory for the dev-mode audit key.
+pub const DEV_AUDIT_KEY_FILE: &str = "audit-signing-key.pem";
+/// The audit log's public key (base64) and log id, written at start so `caregate audit verify`
+/// can check checkpoints offline.
+pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-public-key.txt";
+
+/// The checkpoint signer: the configured key, or in dev mode one generated once and kept in the
+/// data directory. Writes the public key beside the database for offline verification.
+fn audit_signing(config: &Config) -> Result<AuditSigning, StartError> {
+    let key_error = |path: &std::path::Path, reason: String| StartError::AuditKey {
+        path: path.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Store {
+        path: config.data_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let log_id = config.audit.log_id.clone();
+    let signer = match &config.audit.signing_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|e| key_error(path, e.to_string()))?;
+            CheckpointSigner::from_pkcs8_pem(log_id, &pem)
+                .map_err(|e| key_error(path, e.to_string()))?
+        }
+        None => {
+            let path = config.data_dir.join(DEV_AUDIT_KEY_FILE);
+            if path.exists() {
+                let pem =
+                    std::fs::read_to_string(&path).map_err(|e| key_error(&path, e.to_string()))?;
+                CheckpointSigner::from_pkcs8_pem(log_id, &pem)
+                    .map_err(|e| key_error(&path, e.to_string()))?
+            } else {
+                let signer = CheckpointSigner::generate(log_id)
+                    .map_err(|e| key_error(&path, e.to_string()))?;
+                let pem = signer
+                    .to_pkcs8_pem()
+                    .map_err(|e| key_error(&path, e.to_string()))?;
+                write_private(&path, &pem).map_err(|e| key_error(&path, e.to_string()))?;
+                signer
+            }
+        }
+    };
+    if config.audit.signing_key.is_none() {
+        tracing::warn!(
+            "DEV MODE: the audit checkpoint key is kept in the data directory; configure audit.signing_key for production"
+        );
+    }
+    let public = config.data_dir.join(AUDIT_PUBLIC_KEY_FILE);
+    std::fs::write(
+        &public,
+        format!("{} {}\n", signer.log_id(), signer.public_key_base64()),
+    )
+    .map_err(|e| key_error(&public, e.to_string()))?;
+    let every_events = std::num::NonZeroU64::new(config.audit.checkpoint_every_events)
+        .unwrap_or(std::num::NonZeroU64::MIN);
+    let every = time::Duration::seconds(
+        i64::try_from(config.audit.checkpoint_every_secs).unwrap_or(i64::MAX),
+    );
+    Ok(AuditSigning {
+        signer: Arc::new(signer),
+        schedule: CheckpointSchedule {
+            every_events,
+            every,
+        },
+    })
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
 /// Run the gateway until `shutdown` resolves. `on_ready` is called once it is accepting.
 pub async fn run(
     config: Config,
@@ -69,14 +150,17 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let server_tls = tls::server_config(&config.tls)?;
     let validator = validator_for(&config)?;
-    let store = Arc::new(
-        SqliteStore::open(&config.data_dir, SqliteOptions::default()).map_err(|e| {
-            StartError::Store {
+    let options = SqliteOptions {
+        audit_signing: Some(audit_signing(&config)?),
+        ..SqliteOptions::default()
+    };
+    let store =
+        Arc::new(
+            SqliteStore::open(&config.data_dir, options).map_err(|e| StartError::Store {
                 path: config.data_dir.display().to_string(),
                 reason: e.to_string(),
-            }
-        })?,
-    );
+            })?,
+        );
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Bind {

@@ -35,7 +35,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use caregate_audit::AuditEvent;
+use caregate_audit::checkpoint::{
+    Checkpoint, CheckpointSchedule, CheckpointSigner, SignedCheckpoint,
+};
+use caregate_audit::event_hash::{canonical_event_bytes, event_leaf_hash};
+use caregate_audit::{AuditEvent, Frontier};
 use rusqlite::config::DbConfig;
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
@@ -131,11 +135,28 @@ CREATE TABLE audit_events (
     resource_type TEXT,
     resource_id   TEXT,
     patient       TEXT,
-    event         TEXT NOT NULL
+    -- The canonical JSON of the AuditEvent (caregate_audit::event_hash), hashed as stored.
+    event         TEXT NOT NULL,
+    -- RFC 9162 leaf hash of (seq, event): the Merkle tree over these is the tamper evidence.
+    leaf_hash     BLOB NOT NULL
 );
 CREATE INDEX audit_events_by_patient ON audit_events (patient, seq) WHERE patient IS NOT NULL;
 CREATE INDEX audit_events_by_recorded ON audit_events (recorded);
 CREATE INDEX audit_events_by_partner ON audit_events (partner_id, seq);
+
+-- The audit Merkle tree's compact frontier after the last committed event (one row).
+CREATE TABLE audit_tree (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    size     INTEGER NOT NULL,
+    frontier BLOB    NOT NULL
+);
+
+-- Signed checkpoints (signed tree heads) over the audit log, in C2SP signed-note text.
+CREATE TABLE audit_checkpoints (
+    size       INTEGER PRIMARY KEY,
+    checkpoint TEXT    NOT NULL,
+    created_at TEXT    NOT NULL
+);
 
 -- Each reader's durable position in the log.
 CREATE TABLE cursors (
@@ -162,21 +183,35 @@ const SELECT_IDENTIFIED: &str =
 const SELECT_RECEIPT: &str = "SELECT receipt FROM idempotency_keys WHERE partner = ?1 AND key = ?2";
 const INSERT_RECEIPT: &str =
     "INSERT INTO idempotency_keys (partner, key, receipt, created_at) VALUES (?1, ?2, ?3, ?4)";
-const INSERT_AUDIT: &str = "INSERT INTO audit_events (recorded, request_id, partner_id, action, \
-     outcome, resource_type, resource_id, patient, event) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const INSERT_AUDIT: &str = "INSERT INTO audit_events (seq, recorded, request_id, partner_id, \
+     action, outcome, resource_type, resource_id, patient, event, leaf_hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+const SAVE_AUDIT_TREE: &str = "INSERT INTO audit_tree (id, size, frontier) VALUES (1, ?1, ?2) \
+     ON CONFLICT (id) DO UPDATE SET size = excluded.size, frontier = excluded.frontier";
+const INSERT_CHECKPOINT: &str =
+    "INSERT INTO audit_checkpoints (size, checkpoint, created_at) VALUES (?1, ?2, ?3)";
 const UPSERT_CURSOR: &str = "INSERT INTO cursors (reader, seq) VALUES (?1, ?2) \
      ON CONFLICT (reader) DO UPDATE SET seq = excluded.seq";
 const LOG_COLUMNS: &str = "l.seq, l.partner, l.resource_type, l.id, l.version_id, l.content, \
      l.content_hash, l.nhs_number, l.decision, l.committed_at";
 
 /// Tuning for [`SqliteStore`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SqliteOptions {
     /// The most submissions one commit (one fsync) may carry.
     pub max_batch: usize,
     /// Read-only connections kept for `read_*` and `load_cursor`.
     pub read_connections: usize,
+    /// Who signs checkpoints of the audit log, and how often. `None`: the Merkle tree is kept
+    /// (every event has its leaf hash) but no checkpoints are signed.
+    pub audit_signing: Option<AuditSigning>,
+}
+
+/// The audit log's checkpoint signer and schedule.
+#[derive(Debug, Clone)]
+pub struct AuditSigning {
+    pub signer: Arc<CheckpointSigner>,
+    pub schedule: CheckpointSchedule,
 }
 
 impl SqliteOptions {
@@ -196,6 +231,7 @@ impl Default for SqliteOptions {
         Self {
             max_batch: Self::default_max_batch(),
             read_connections: Self::default_read_connections(),
+            audit_signing: None,
         }
     }
 }
@@ -265,11 +301,13 @@ impl SqliteStore {
         let max_batch = options.max_batch.max(1);
         let health = Arc::new(Health::default());
         let (jobs, queue) = mpsc::channel(max_batch.saturating_mul(QUEUE_BATCHES));
+        let tree = AuditTree::load(&conn, options.audit_signing.clone()).map_err(opening_error)?;
         let writer = Writer {
             conn,
             queue,
             max_batch,
             health: Arc::clone(&health),
+            tree,
         };
         let writer = std::thread::Builder::new()
             .name("caregate-store-writer".to_owned())
@@ -627,6 +665,139 @@ fn open_reader(path: &Path) -> Result<Connection, Fault> {
     Ok(conn)
 }
 
+/// The result of [`verify_audit`]: the Merkle verification, plus events whose query columns
+/// disagree with the hashed event (an edit to a copied column the hash does not cover).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditVerification {
+    pub report: caregate_audit::VerifyReport,
+    /// Sequence numbers whose `patient`, `partner_id`, `action`, `outcome`, `request_id`,
+    /// `resource_type` or `resource_id` column differs from the hashed event (first 100).
+    pub column_mismatches: Vec<Seq>,
+    pub column_mismatches_total: u64,
+    /// The newest stored checkpoint, in signed-note text (to hand to a witness).
+    pub latest_checkpoint: Option<String>,
+}
+
+impl AuditVerification {
+    pub fn is_ok(&self) -> bool {
+        self.report.is_ok() && self.column_mismatches_total == 0
+    }
+}
+
+/// Verify the audit log in `dir` offline, streaming events in sequence order (memory: the tree
+/// frontier, the checkpoints and a bounded list of findings): recompute every leaf and compare it
+/// with the recorded one, check sequence numbers are contiguous, check every stored checkpoint and
+/// every `extra` checkpoint (e.g. one a witness kept) is signed by `verifier`'s key and matches
+/// the recomputed tree, and check the query columns against the hashed events.
+pub fn verify_audit(
+    dir: &Path,
+    verifier: &caregate_audit::CheckpointVerifier,
+    extra: &[SignedCheckpoint],
+) -> Result<AuditVerification, StoreError> {
+    let path = dir.join(DATABASE_FILE);
+    if !path.exists() {
+        return Err(StoreError::Failed(format!(
+            "no caregate database at {}",
+            path.display()
+        )));
+    }
+    let conn = open_reader(&path).map_err(opening_error)?;
+    let fail =
+        |error: rusqlite::Error| StoreError::Failed(format!("reading the audit log: {error}"));
+    let mut checkpoints = Vec::new();
+    let mut latest_checkpoint = None;
+    {
+        let mut statement = conn
+            .prepare("SELECT checkpoint FROM audit_checkpoints ORDER BY size")
+            .map_err(fail)?;
+        let rows = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(fail)?;
+        for text in rows {
+            let text = text.map_err(fail)?;
+            // An unparseable stored checkpoint is itself a finding: hand it to the verifier as
+            // missing rather than failing the whole run.
+            if let Ok(signed) = SignedCheckpoint::parse(&text) {
+                checkpoints.push(signed);
+            }
+            latest_checkpoint = Some(text);
+        }
+    }
+    checkpoints.extend(extra.iter().cloned());
+    let mut log = caregate_audit::LogVerifier::new(&checkpoints, verifier);
+    let mut column_mismatches = Vec::new();
+    let mut column_mismatches_total = 0u64;
+    let mut statement = conn
+        .prepare(
+            "SELECT seq, event, leaf_hash, patient, partner_id, action, outcome, request_id, \
+             resource_type, resource_id FROM audit_events ORDER BY seq",
+        )
+        .map_err(fail)?;
+    let mut rows = statement.query([]).map_err(fail)?;
+    while let Some(row) = rows.next().map_err(fail)? {
+        let seq: i64 = row.get(0).map_err(fail)?;
+        let event: String = row.get(1).map_err(fail)?;
+        let leaf: Vec<u8> = row.get(2).map_err(fail)?;
+        let seq_u = u64::try_from(seq).unwrap_or(0);
+        let canonical = caregate_audit::event_hash::CanonicalEvent(event.as_bytes());
+        match caregate_audit::Hash::from_slice(&leaf) {
+            Some(leaf) => log.push_with_recorded_leaf(seq_u, &canonical, leaf),
+            None => log.push(seq_u, &canonical),
+        }
+        let columns: [Option<String>; 7] = [
+            row.get(3).map_err(fail)?,
+            row.get(4).map_err(fail)?,
+            row.get(5).map_err(fail)?,
+            row.get(6).map_err(fail)?,
+            row.get(7).map_err(fail)?,
+            row.get(8).map_err(fail)?,
+            row.get(9).map_err(fail)?,
+        ];
+        if !columns_match(&event, &columns) {
+            column_mismatches_total += 1;
+            if column_mismatches.len() < 100 {
+                column_mismatches.push(seq);
+            }
+        }
+    }
+    Ok(AuditVerification {
+        report: log.finish(),
+        column_mismatches,
+        column_mismatches_total,
+        latest_checkpoint,
+    })
+}
+
+/// Whether the copied query columns equal the fields of the hashed event JSON.
+fn columns_match(event: &str, columns: &[Option<String>; 7]) -> bool {
+    let Ok(event) = serde_json::from_str::<AuditEvent>(event) else {
+        return false;
+    };
+    let entity = event.entity.as_ref();
+    let expected: [Option<String>; 7] = [
+        event.patient.clone(),
+        event.actor.partner_id.clone(),
+        serde_name(&event.action).ok(),
+        serde_name(&event.outcome).ok(),
+        Some(event.request_id.clone()),
+        entity.map(|e| e.resource_type.clone()),
+        entity.map(|e| e.id.clone()),
+    ];
+    &expected == columns
+}
+
+/// The newest signed checkpoint stored in `dir`, if any (signed-note text).
+pub fn latest_audit_checkpoint(dir: &Path) -> Result<Option<String>, StoreError> {
+    let conn = open_reader(&dir.join(DATABASE_FILE)).map_err(opening_error)?;
+    conn.query_row(
+        "SELECT checkpoint FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+        [],
+        |row| row.get::<_, String>(0),
+    )
+    .optional()
+    .map_err(|error| StoreError::Failed(format!("reading audit checkpoints: {error}")))
+}
+
 /// Bring the schema to the newest version, one transaction per step. The version is read inside
 /// each step's write transaction, so two processes opening the same file cannot both apply it.
 fn migrate(conn: &mut Connection) -> Result<(), Fault> {
@@ -728,12 +899,107 @@ fn parse_timestamp(text: &str) -> Result<OffsetDateTime, Fault> {
         .map_err(|_| Fault::Corrupt("a stored timestamp is not RFC 3339".to_owned()))
 }
 
+/// The writer's view of the audit Merkle tree: its frontier after the last commit, the last
+/// signed checkpoint, and the signer (if any).
+struct AuditTree {
+    frontier: Frontier,
+    last_checkpoint: Option<Checkpoint>,
+    signing: Option<AuditSigning>,
+}
+
+impl AuditTree {
+    /// Load the tree state written by the last commit. The frontier must cover exactly the
+    /// events present: anything else means the tables were edited outside caregate.
+    fn load(conn: &Connection, signing: Option<AuditSigning>) -> Result<Self, Fault> {
+        let saved: Option<(i64, Vec<u8>)> = conn
+            .query_row(
+                "SELECT size, frontier FROM audit_tree WHERE id = 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let frontier = match saved {
+            Some((_, bytes)) => Frontier::from_bytes(&bytes).map_err(|_| {
+                Fault::Corrupt("the stored audit tree frontier is invalid".to_owned())
+            })?,
+            None => Frontier::new(),
+        };
+        let events: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM audit_events",
+            [],
+            |row| row.get(0),
+        )?;
+        if u64::try_from(events).ok() != Some(frontier.size()) {
+            return Err(Fault::Corrupt(
+                "the audit tree does not cover the audit events present; run `caregate audit verify`"
+                    .to_owned(),
+            ));
+        }
+        let last_checkpoint = match conn
+            .query_row(
+                "SELECT checkpoint FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                [],
+                |row| row.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            Some(text) => Some(
+                SignedCheckpoint::parse(&text)
+                    .map_err(|_| Fault::Corrupt("a stored audit checkpoint is invalid".to_owned()))?
+                    .unverified()
+                    .clone(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            frontier,
+            last_checkpoint,
+            signing,
+        })
+    }
+
+    /// Sign and insert a checkpoint for `frontier` if the schedule says one is due.
+    fn checkpoint_if_due(
+        &self,
+        conn: &Connection,
+        frontier: &Frontier,
+        clock: &BatchClock,
+    ) -> Result<Option<Checkpoint>, Fault> {
+        let Some(signing) = &self.signing else {
+            return Ok(None);
+        };
+        if !signing
+            .schedule
+            .is_due(self.last_checkpoint.as_ref(), frontier.size(), clock.at)
+        {
+            return Ok(None);
+        }
+        let checkpoint = Checkpoint {
+            log_id: signing.signer.log_id().to_owned(),
+            size: frontier.size(),
+            root: frontier.root(),
+            timestamp: clock.at,
+        };
+        let signed = signing
+            .signer
+            .sign(&checkpoint)
+            .map_err(|error| Fault::Encode(format!("audit checkpoint: {error}")))?;
+        conn.prepare_cached(INSERT_CHECKPOINT)?.execute(params![
+            i64::try_from(checkpoint.size).unwrap_or(i64::MAX),
+            signed.to_text(),
+            clock.text
+        ])?;
+        Ok(Some(checkpoint))
+    }
+}
+
 /// The owner of the write connection; runs on its own thread until every sender is gone.
 struct Writer {
     conn: Connection,
     queue: mpsc::Receiver<Job>,
     max_batch: usize,
     health: Arc<Health>,
+    tree: AuditTree,
 }
 
 impl Writer {
@@ -788,7 +1054,7 @@ impl Writer {
 
         let answers = match self.health.check() {
             Err(error) => works.iter().map(|_| Err(duplicate(&error))).collect(),
-            Ok(()) => match apply_batch(&mut self.conn, &works) {
+            Ok(()) => match apply_batch(&mut self.conn, &works, &mut self.tree) {
                 Ok(answers) => {
                     self.health.commits.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(requests = works.len(), "store batch committed");
@@ -816,18 +1082,25 @@ impl Writer {
 
 /// One transaction for the whole batch, one savepoint per request. `Err` means nothing of the
 /// batch was committed; `Ok` holds each request's answer, in order, after a successful `COMMIT`.
+/// The audit tree advances only with what committed: each request works on a copy of the
+/// frontier that is kept with its savepoint, and the batch's frontier (and checkpoint, when one
+/// is due) is written in the same transaction and adopted only after `COMMIT`.
 fn apply_batch(
     conn: &mut Connection,
     works: &[Work],
+    tree: &mut AuditTree,
 ) -> Result<Vec<Result<Answer, StoreError>>, Fault> {
     let clock = BatchClock::now()?;
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut frontier = tree.frontier.clone();
     let mut answers = Vec::with_capacity(works.len());
     for work in works {
         let savepoint = tx.savepoint()?;
-        match apply_work(&savepoint, work, &clock) {
+        let mut attempt = frontier.clone();
+        match apply_work(&savepoint, work, &clock, &mut attempt) {
             Ok(answer) => {
                 savepoint.commit()?;
+                frontier = attempt;
                 answers.push(Ok(answer));
             }
             Err(fault) => {
@@ -847,13 +1120,33 @@ fn apply_batch(
             }
         }
     }
+    let checkpoint = if frontier.size() != tree.frontier.size() {
+        tx.prepare_cached(SAVE_AUDIT_TREE)?.execute(params![
+            i64::try_from(frontier.size()).unwrap_or(i64::MAX),
+            frontier.to_bytes()
+        ])?;
+        tree.checkpoint_if_due(&tx, &frontier, &clock)?
+    } else {
+        None
+    };
     tx.commit()?;
+    tree.frontier = frontier;
+    if let Some(checkpoint) = checkpoint {
+        tree.last_checkpoint = Some(checkpoint);
+    }
     Ok(answers)
 }
 
-fn apply_work(conn: &Connection, work: &Work, clock: &BatchClock) -> Result<Answer, Fault> {
+fn apply_work(
+    conn: &Connection,
+    work: &Work,
+    clock: &BatchClock,
+    frontier: &mut Frontier,
+) -> Result<Answer, Fault> {
     match work {
-        Work::Submit(submission) => apply_submission(conn, submission, clock).map(Answer::Receipt),
+        Work::Submit(submission) => {
+            apply_submission(conn, submission, clock, frontier).map(Answer::Receipt)
+        }
         Work::SaveCursor { reader, seq } => {
             conn.prepare_cached(UPSERT_CURSOR)?
                 .execute(params![reader, seq])?;
@@ -866,6 +1159,7 @@ fn apply_submission(
     conn: &Connection,
     submission: &Submission,
     clock: &BatchClock,
+    frontier: &mut Frontier,
 ) -> Result<Receipt, Fault> {
     let partner = submission.partner.as_str();
     if let Some(key) = &submission.idempotency_key {
@@ -879,7 +1173,7 @@ fn apply_submission(
             })?;
             receipt.replayed = true;
             // The retry is itself an access: it is audited even though nothing else is written.
-            insert_audit(conn, &submission.audit)?;
+            insert_audit(conn, &submission.audit, frontier)?;
             return Ok(receipt);
         }
     }
@@ -889,7 +1183,7 @@ fn apply_submission(
         .iter()
         .map(|record| apply_record(conn, partner, record, clock))
         .collect::<Result<Vec<_>, _>>()?;
-    insert_audit(conn, &submission.audit)?;
+    insert_audit(conn, &submission.audit, frontier)?;
     let receipt = Receipt {
         entries,
         replayed: false,
@@ -1049,16 +1343,28 @@ fn append(
     })
 }
 
-fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), Fault> {
+/// Insert `events` with the next sequence numbers, each with its RFC 9162 leaf hash, appending
+/// the leaves to `frontier` (the caller keeps or discards it with the savepoint).
+fn insert_audit(
+    conn: &Connection,
+    events: &[AuditEvent],
+    frontier: &mut Frontier,
+) -> Result<(), Fault> {
     if events.is_empty() {
         return Ok(());
     }
     let mut insert = conn.prepare_cached(INSERT_AUDIT)?;
     for event in events {
-        let json = serde_json::to_string(event)
+        let canonical = canonical_event_bytes(event)
             .map_err(|error| Fault::Encode(format!("audit event: {error}")))?;
+        let json = String::from_utf8(canonical)
+            .map_err(|_| Fault::Encode("audit event is not UTF-8".to_owned()))?;
+        // Sequence numbers are the tree's leaf indexes + 1, so they must be contiguous.
+        let seq = frontier.size() + 1;
+        let leaf = event_leaf_hash(seq, json.as_bytes());
         let entity = event.entity.as_ref();
         insert.execute(params![
+            i64::try_from(seq).map_err(|_| Fault::Corrupt("audit sequence overflow".to_owned()))?,
             timestamp_text(event.recorded)?,
             event.request_id,
             event.actor.partner_id,
@@ -1068,7 +1374,9 @@ fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), Fault> {
             entity.map(|entity| entity.id.as_str()),
             event.patient,
             json,
+            leaf.as_bytes().as_slice(),
         ])?;
+        frontier.append(leaf);
     }
     Ok(())
 }
