@@ -74,16 +74,13 @@ pub(crate) async fn read_limited(
             Err(ApiError::PayloadTooLarge { limit })
         }
         Err(error) => {
-            // axum wraps the length error from its own limit layer; treat that the same way.
-            if error.to_string().contains("length limit") {
-                Err(ApiError::PayloadTooLarge { limit })
-            } else {
-                tracing::debug!(%error, "request body could not be read");
-                Err(ApiError::NotSupported {
-                    status: StatusCode::BAD_REQUEST,
-                    message: "the request body could not be read",
-                })
-            }
+            // The client went away or sent a malformed chunked body. (This reader is the only
+            // size limit on raw bodies: axum's `DefaultBodyLimit` applies to its extractors only.)
+            tracing::debug!(%error, "request body could not be read");
+            Err(ApiError::NotSupported {
+                status: StatusCode::BAD_REQUEST,
+                message: "the request body could not be read",
+            })
         }
     }
 }
