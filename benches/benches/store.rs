@@ -116,9 +116,10 @@ fn group_commit(c: &mut Criterion) {
 
     eprintln!("group commit (warm-up included):");
     for (submitters, stats) in stats {
+        let plural = if submitters == 1 { "" } else { "s" };
         let ratio = stats.commits as f64 / stats.submissions.max(1) as f64;
         eprintln!(
-            "  {submitters:>3} submitters: {} submissions in {} commits: {ratio:.3} commits per \
+            "  {submitters:>3} submitter{plural}: {} submissions in {} commits: {ratio:.3} commits per \
              submission ({:.1} submissions per fsync)",
             stats.submissions,
             stats.commits,

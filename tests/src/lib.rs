@@ -111,6 +111,8 @@ pub struct Gateway {
     pub client: Client,
     /// The CA certificate clients trust when the config names its own TLS certificate.
     pub trust_pem: Option<Vec<u8>>,
+    /// The IG officers' admin listener, when enabled.
+    pub admin_url: Option<String>,
     child: Option<Child>,
 }
 
@@ -128,6 +130,8 @@ pub struct Options {
     pub files: Vec<(String, String)>,
     /// The CA to trust instead of the dev certificate.
     pub trust_pem: Option<Vec<u8>>,
+    /// The whole `[admin]` section; `None`: the admin listener on a free port.
+    pub admin_toml: Option<String>,
 }
 
 impl Gateway {
@@ -148,8 +152,12 @@ impl Gateway {
     /// Start a gateway from full options.
     pub fn start_configured(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let admin = options
+            .admin_toml
+            .clone()
+            .unwrap_or_else(|| "[admin]\nlisten = \"127.0.0.1:0\"".to_owned());
         let mut toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nshutdown_grace_secs = 10\n\n[limits]\n{}\n\n{}\n\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nshutdown_grace_secs = 10\n\n[limits]\n{}\n\n{admin}\n\n{}\n\n",
             options.limits_toml, options.extra_toml
         );
         for partner in &options.partners {
@@ -185,6 +193,7 @@ impl Gateway {
             base_url: String::new(),
             client: Client::new(),
             trust_pem: options.trust_pem,
+            admin_url: None,
             child: None,
         };
         gateway.launch();
@@ -209,11 +218,15 @@ impl Gateway {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut base_url = None;
+        let mut admin_url = None;
         let mut cert = None;
         for line in lines.by_ref() {
             let line = line.expect("read stdout");
             if let Some(path) = line.strip_prefix("dev certificate (trust it in clients): ") {
                 cert = Some(PathBuf::from(path));
+            }
+            if let Some(url) = line.strip_prefix("caregate admin listening on ") {
+                admin_url = Some(url.to_owned());
             }
             if let Some(url) = line.strip_prefix("caregate listening on ") {
                 base_url = Some(url.to_owned());
@@ -232,6 +245,7 @@ impl Gateway {
         };
         self.client = client_trusting(&trust);
         self.base_url = base_url;
+        self.admin_url = admin_url;
         self.child = Some(child);
     }
 

@@ -167,7 +167,10 @@ struct Pki {
     client_thumbprint: String,
 }
 
-#[allow(clippy::unwrap_used, reason = "test fixture: a failure here is a broken test set-up")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test fixture: a failure here is a broken test set-up"
+)]
 fn pki() -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();

@@ -13,7 +13,9 @@
 
 pub mod checkpoint;
 pub mod event_hash;
+pub mod export;
 pub mod merkle;
+pub mod report;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
@@ -58,6 +60,20 @@ pub enum Action {
     Metadata,
     /// A request that did not reach a FHIR interaction (bad route, bad auth, bad framing).
     Request,
+    /// An IG officer marked a break-glass event as reviewed (DOMAIN.md `LR-2`).
+    Review,
+    /// An IG officer searched or viewed the audit log (or a subject-access report).
+    AuditQuery,
+    /// An IG officer exported audit events (CSV or FHIR `AuditEvent` NDJSON).
+    Export,
+    /// A record was delivered to a partner (pushed and accepted, or acknowledged from its inbox);
+    /// outcome `failed` when it became a dead letter. The actor is the destination partner.
+    Deliver,
+    /// A record routed to a partner at intake was not delivered: consent or policy no longer
+    /// allows it (DESIGN.md invariant 2). `rule_ids` and `detail` say why.
+    Withhold,
+    /// An operator put dead letters back in the delivery queue.
+    DeliveryReplay,
 }
 
 /// How it ended.

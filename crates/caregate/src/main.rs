@@ -1,5 +1,7 @@
 //! The `caregate` command: serve the gateway, validate FHIR files offline, get a token.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -11,6 +13,8 @@ use caregate_testkit::keys::{KeyAlg, PartnerKey};
 use clap::{Parser, Subcommand};
 
 mod audit_cli;
+mod deliveries_cli;
+mod feeds_cli;
 
 /// caregate — a FHIR R4 gateway that lets GP practices, trusts, pharmacies and councils in an
 /// Integrated Care System share care records safely: authenticated, validated, durable, audited.
@@ -76,6 +80,24 @@ enum Command {
         #[command(subcommand)]
         command: audit_cli::AuditCommand,
     },
+    /// Per-feed pseudonymisation keys: `keys new|list|rotate FEED` (a 0600 key file).
+    Keys {
+        #[command(subcommand)]
+        command: feeds_cli::KeysCommand,
+    },
+    /// Pseudonymised feeds: `feed export FEED`, `feed report FEED --data DIR`.
+    Feed {
+        #[command(subcommand)]
+        command: feeds_cli::FeedCommand,
+    },
+    /// Read an IG officer's password from standard input and print its Argon2id PHC hash, for
+    /// `password_hash` in an `[[ig_officer]]` table.
+    IgPassword,
+    /// Delivery to partners: queue status, dead letters, replay.
+    Deliveries {
+        #[command(subcommand)]
+        command: deliveries_cli::DeliveriesCommand,
+    },
     /// Generate a signing key pair for a partner's client: writes `<ID>.key.pem` (private, keep
     /// it with the partner, mode 0600) and `<ID>.jwks.json` (public, register it in the config).
     PartnerKey {
@@ -89,6 +111,43 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Generate a synthetic ICS population and its care records (test NHS numbers only):
+    /// `<OUT>/<partner>/<Type>.ndjson` per submitting partner and resource type, or
+    /// `<OUT>/requests.ndjson` (one HTTP request per line, for replay), and `<OUT>/ndoo.txt` (the
+    /// National Data Opt-out list, one NHS number per line). The same seed gives the same bytes.
+    Synth {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Population size (at most 900000).
+        #[arg(long, default_value_t = 100)]
+        patients: usize,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// `ndjson` (resources) or `requests` (partner, method, path, body per line).
+        #[arg(long, default_value = "ndjson", value_parser = ["ndjson", "requests"])]
+        format: String,
+        /// Share of patients on the National Data Opt-out list.
+        #[arg(long, default_value_t = 0.05)]
+        ndoo_share: f64,
+        /// Share with a Type 1 opt-out coded by their GP.
+        #[arg(long, default_value_t = 0.03)]
+        type1_share: f64,
+        /// Share with a dissent Consent (provision.type = deny).
+        #[arg(long, default_value_t = 0.03)]
+        dissent_share: f64,
+        /// Share with a sexual-health diagnosis.
+        #[arg(long, default_value_t = 0.03)]
+        sensitive_share: f64,
+        /// Pad smaller records with a narrative to about this many bytes.
+        #[arg(long)]
+        pad_to: Option<usize>,
+    },
+    /// End-to-end load benchmark on loopback: start the gateway (or use --url), get partner
+    /// tokens with the example config's demo keys, drive synthetic records over TLS keep-alive
+    /// connections, and report throughput and latency beside a bare TLS endpoint and the disk's
+    /// fsync latency. Exits 1 if the gateway answered any 5xx or dropped a connection.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -110,7 +169,36 @@ fn main() -> ExitCode {
             raw,
         } => token(&config, &partner, key, scope, url, ca_cert, raw),
         Command::PartnerKey { partner, alg, out } => partner_key(&partner, &alg, &out),
+        Command::Deliveries { command } => deliveries_cli::run(command),
+        Command::Synth {
+            seed,
+            patients,
+            out,
+            format,
+            ndoo_share,
+            type1_share,
+            dissent_share,
+            sensitive_share,
+            pad_to,
+        } => synth(
+            caregate_testkit::synth::SynthConfig {
+                seed,
+                patients,
+                ndoo_share,
+                type1_share,
+                dissent_share,
+                sensitive_share,
+                pad_to_bytes: pad_to,
+                ..caregate_testkit::synth::SynthConfig::default()
+            },
+            &out,
+            &format,
+        ),
+        Command::Bench(args) => bench::run(args),
         Command::Audit { command } => audit_cli::run(command),
+        Command::Keys { command } => feeds_cli::keys(command),
+        Command::Feed { command } => feeds_cli::feed(command),
+        Command::IgPassword => audit_cli::ig_password(),
     };
     match result {
         Ok(code) => code,
@@ -161,6 +249,9 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             {
                 if let Some(path) = &started.dev_certificate_path {
                     println!("dev certificate (trust it in clients): {}", path.display());
+                }
+                if let Some(url) = &started.admin_url {
+                    println!("caregate admin listening on {url}");
                 }
                 println!("caregate listening on {}", started.base_url);
             }
@@ -425,5 +516,78 @@ fn partner_key(partner: &str, alg: &str, out: &Path) -> anyhow::Result<ExitCode>
     .with_context(|| format!("cannot write {}", public.display()))?;
     println!("private key: {}", private.display());
     println!("public JWKS: {}", public.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout, reason = "the summary is the command's output")]
+fn synth(
+    config: caregate_testkit::synth::SynthConfig,
+    out: &Path,
+    format: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::collections::HashMap;
+    use std::io::{BufWriter, Write as _};
+
+    use caregate_testkit::synth::{Summary, ndoo_list, records};
+
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let create = |path: &Path| -> anyhow::Result<BufWriter<std::fs::File>> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(BufWriter::new(file))
+    };
+    let mut summary = Summary::default();
+    let mut files: HashMap<(&str, &str), BufWriter<std::fs::File>> = HashMap::new();
+    let mut requests = if format == "requests" {
+        Some(create(&out.join("requests.ndjson"))?)
+    } else {
+        None
+    };
+    for record in records(&config) {
+        summary.add(&record);
+        let writer = match requests.as_mut() {
+            Some(writer) => {
+                writer.write_all(record.request_line().as_bytes())?;
+                writer.write_all(b"\n")?;
+                continue;
+            }
+            None => match files.entry((record.partner_id, record.resource_type)) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(create(
+                    &out.join(record.partner_id)
+                        .join(format!("{}.ndjson", record.resource_type)),
+                )?),
+            },
+        };
+        writer.write_all(record.body.as_bytes())?;
+        writer.write_all(b"\n")?;
+    }
+    for (_, mut writer) in files {
+        writer.flush()?;
+    }
+    if let Some(mut writer) = requests {
+        writer.flush()?;
+    }
+    let mut ndoo = create(&out.join("ndoo.txt"))?;
+    let mut opted_out = 0usize;
+    for nhs_number in ndoo_list(&config) {
+        ndoo.write_all(nhs_number.as_bytes())?;
+        ndoo.write_all(b"\n")?;
+        opted_out += 1;
+    }
+    ndoo.flush()?;
+    println!(
+        "synthetic ICS day: seed {}, {} patients, {} on the NDOO list -> {}",
+        config.seed,
+        config.patients,
+        opted_out,
+        out.display()
+    );
+    println!("{summary}");
     Ok(ExitCode::SUCCESS)
 }

@@ -63,6 +63,9 @@ pub fn router(state: SharedState) -> Router {
             "/fhir/{resource_type}/{id}",
             put(fhir_api::update).get(fhir_api::read),
         )
+        // Partner inbox (issue 4): `/fhir/$inbox`, `/fhir/$inbox/ack`.
+        .merge(crate::deliveries_api::inbox_routes())
+        .merge(crate::bulk_export::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read through `fhir_api::read_body`, which enforces the configured limit and

@@ -30,6 +30,78 @@ pub struct ConfigFile {
     pub audit: AuditSection,
     #[serde(default, rename = "partner")]
     pub partners: Vec<PartnerSection>,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default, rename = "ig_officer")]
+    pub ig_officers: Vec<IgOfficerSection>,
+    #[serde(default)]
+    pub feeds: FeedsSection,
+}
+
+/// Pseudonymised feeds (issue 5, `caregate_feeds`): where the definitions and the per-feed key
+/// file are. The key file may instead be named by the `CAREGATE_FEED_KEYS` environment variable
+/// (for a secret manager); it must never sit in the data directory's database.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedsSection {
+    /// Directory of feed definitions (`*.toml`); feeds are off when unset.
+    pub definitions: Option<PathBuf>,
+    /// The feed key file (mode 0600).
+    pub key_file: Option<PathBuf>,
+}
+
+/// The IG officers' listener: the audit API and web console (`crate::admin`), HTTPS with the same
+/// TLS configuration as the partner listener, on its own address so it can be firewalled apart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub enabled: bool,
+    /// Address of the admin listener. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// A console session ends after this long without a request, in seconds.
+    pub session_idle_secs: u64,
+    /// A console session ends this long after login whatever happens, in seconds.
+    pub session_max_secs: u64,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            session_idle_secs: 900,
+            session_max_secs: 8 * 3600,
+        }
+    }
+}
+
+/// An IG officer who may sign in to the console (`[[ig_officer]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IgOfficerSection {
+    pub username: String,
+    /// Argon2id PHC string (`$argon2id$v=19$m=...`), e.g. from `caregate ig-password`.
+    pub password_hash: String,
+    pub name: String,
+    /// ODS code of the officer's organisation.
+    pub ods_code: String,
+}
+
+/// An IG officer after validation.
+#[derive(Debug, Clone)]
+pub struct IgOfficer {
+    pub username: String,
+    pub password_hash: String,
+    pub name: String,
+    pub ods_code: OdsCode,
+}
+
+/// Extra rights a partner's tokens carry beyond their FHIR scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartnerRole {
+    /// May use the admin audit API (with scope `system/AuditEvent.rs`).
+    IgOfficer,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,6 +295,14 @@ pub struct DeliverySection {
     pub mode: DeliveryMode,
     /// The partner's FHIR base URL for push delivery.
     pub endpoint: Option<String>,
+    /// Push: PEM CA bundle that issues the partner's server certificate (default: system roots).
+    /// Paths are relative to the config file.
+    pub ca_cert: Option<PathBuf>,
+    /// Push over mTLS: our PEM client certificate chain for this partner, with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Push: per-request timeout in seconds (default 30).
+    pub timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +325,9 @@ pub struct PartnerSection {
     pub client_cert_sha256: Option<String>,
     #[serde(default)]
     pub delivery: DeliverySection,
+    /// Extra rights, e.g. `["ig-officer"]` for the admin audit API.
+    #[serde(default)]
+    pub roles: Vec<PartnerRole>,
 }
 
 /// A configuration error, naming where it is.
@@ -280,6 +363,7 @@ pub struct Partner {
     pub jwks: serde_json::Value,
     pub client_cert_sha256: Option<String>,
     pub delivery: DeliverySection,
+    pub roles: Vec<PartnerRole>,
 }
 
 /// The validated configuration the gateway is built from.
@@ -296,6 +380,10 @@ pub struct Config {
     pub validation: ValidationSection,
     pub audit: AuditSection,
     pub partners: Vec<Partner>,
+    pub admin: AdminSection,
+    pub ig_officers: Vec<IgOfficer>,
+    /// Paths resolved against the config file's directory.
+    pub feeds: FeedsSection,
 }
 
 impl Config {
@@ -586,7 +674,28 @@ impl Validator<'_> {
                 jwks,
                 client_cert_sha256: section.client_cert_sha256,
                 delivery: section.delivery,
+                roles: section.roles,
             });
+        }
+        let ig_officers = self.validate_ig_officers(file.ig_officers)?;
+        if file.admin.enabled
+            && file.admin.listen == file.server.listen
+            && file.admin.listen.port() != 0
+        {
+            return Err(self.error(
+                "admin.listen",
+                Some("[admin]"),
+                "must differ from server.listen",
+            ));
+        }
+        if file.admin.session_idle_secs == 0
+            || file.admin.session_max_secs < file.admin.session_idle_secs
+        {
+            return Err(self.error(
+                "admin.session_idle_secs",
+                Some("session_"),
+                "must be at least 1 and at most admin.session_max_secs",
+            ));
         }
 
         Ok(Config {
@@ -604,7 +713,66 @@ impl Validator<'_> {
             validation: file.validation,
             audit,
             partners,
+            admin: file.admin,
+            ig_officers,
+            feeds: FeedsSection {
+                definitions: file.feeds.definitions.as_deref().map(|p| self.resolve(p)),
+                key_file: file.feeds.key_file.as_deref().map(|p| self.resolve(p)),
+            },
         })
+    }
+
+    fn validate_ig_officers(
+        &self,
+        sections: Vec<IgOfficerSection>,
+    ) -> Result<Vec<IgOfficer>, ConfigError> {
+        let mut officers: Vec<IgOfficer> = Vec::with_capacity(sections.len());
+        for (index, section) in sections.into_iter().enumerate() {
+            let field = |name: &str| format!("ig_officer[{index}].{name}");
+            let username_ok = (1..=64).contains(&section.username.len())
+                && section
+                    .username
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !username_ok {
+                return Err(self.error(
+                    &field("username"),
+                    Some(&section.username),
+                    "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if officers.iter().any(|o| o.username == section.username) {
+                return Err(self.error(
+                    &field("username"),
+                    Some(&section.username),
+                    "duplicate IG officer username",
+                ));
+            }
+            match argon2::PasswordHash::new(&section.password_hash) {
+                Ok(hash) if hash.algorithm.as_str() == "argon2id" && hash.hash.is_some() => {}
+                _ => {
+                    return Err(self.error(
+                        &field("password_hash"),
+                        Some(&section.username),
+                        "must be an Argon2id PHC string ($argon2id$v=19$...); make one with `caregate ig-password`",
+                    ));
+                }
+            }
+            let ods_code = OdsCode::parse(&section.ods_code).map_err(|e| {
+                self.error(
+                    &field("ods_code"),
+                    Some(&section.ods_code),
+                    format!("not a valid ODS code: {e}"),
+                )
+            })?;
+            officers.push(IgOfficer {
+                username: section.username,
+                password_hash: section.password_hash,
+                name: section.name,
+                ods_code,
+            });
+        }
+        Ok(officers)
     }
 }
 

@@ -7,10 +7,14 @@
 //! - every request produces exactly one request audit event (see [`app`]);
 //! - no patient identifier appears in a log line or in an error sent to a partner.
 
+pub mod admin;
 pub mod app;
+pub mod bulk_export;
 pub mod capability;
 pub mod config;
+pub mod console;
 pub mod context;
+pub mod deliveries_api;
 pub mod error;
 pub mod fhir_api;
 pub mod runtime;

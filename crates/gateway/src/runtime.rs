@@ -46,6 +46,8 @@ pub struct Started {
     pub base_url: String,
     /// Where the dev-mode certificate was written (trust it in clients), if in dev mode.
     pub dev_certificate_path: Option<std::path::PathBuf>,
+    /// The IG officers' admin listener (`https://localhost:<port>`), when `[admin]` is enabled.
+    pub admin_url: Option<String>,
 }
 
 /// Build the validator a config implies (also used by `caregate validate`).
@@ -236,11 +238,82 @@ pub async fn run(
         base_url: base_url.clone(),
         limits: config.limits.clone(),
     });
-    let app = router(state);
+    // The IG officers' listener (crate::admin): its own address, the same TLS, served beside the
+    // partner listener; it starts draining when the partner listener is told to stop.
+    let (admin_url, shutdown) = {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let admin_url = if config.admin.enabled {
+            let admin_listener =
+                TcpListener::bind(config.admin.listen)
+                    .await
+                    .map_err(|e| StartError::Bind {
+                        addr: config.admin.listen,
+                        reason: e.to_string(),
+                    })?;
+            let admin_addr = admin_listener.local_addr().map_err(|e| StartError::Bind {
+                addr: config.admin.listen,
+                reason: e.to_string(),
+            })?;
+            let admin_app = crate::admin::admin_router(
+                state.clone(),
+                crate::admin::AdminSettings::from_config(&config),
+            );
+            let mut stopped = stopped;
+            tokio::spawn(server::serve(
+                admin_listener,
+                server_tls.config.clone(),
+                admin_app,
+                config.limits.clone(),
+                config.shutdown_grace,
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            ));
+            tracing::info!(address = %admin_addr, officers = config.ig_officers.len(), "admin listener is serving");
+            Some(format!("https://localhost:{}", admin_addr.port()))
+        } else {
+            None
+        };
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        (admin_url, shutdown)
+    };
+    // --- Delivery (issue 4): fan-out + push workers, and the partner inbox. ---
+    // The policy here reads only the decision stored with each record; the consent/IG engine
+    // (crates/policy) replaces it to re-check consent at delivery time (DESIGN.md invariant 2).
+    // Delivery stops when the partner listener is told to stop; anything in flight is sent again
+    // (same idempotency key) after the next start.
+    let (app, shutdown) = {
+        let policy: Arc<dyn caregate_deliver::DeliveryPolicy> =
+            Arc::new(caregate_deliver::StoredDecisionPolicy::new());
+        let store: Arc<dyn caregate_store::Store> = store.clone();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        caregate_deliver::spawn(
+            Arc::clone(&store),
+            Arc::clone(&policy),
+            crate::deliveries_api::destinations(&config),
+            caregate_deliver::DeliveryConfig::default(),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )
+        .map_err(|e| StartError::Partners(e.to_string()))?;
+        let inbox = caregate_deliver::Inbox::new(store, policy);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        (router(state).layer(axum::Extension(inbox)), shutdown)
+    };
+    // Pseudonymised feeds (issue 5): Bulk Data $export when [feeds] is configured.
+    let app = crate::bulk_export::attach(app, &config).map_err(StartError::Partners)?;
     let started = Started {
         local_addr,
         base_url,
         dev_certificate_path,
+        admin_url,
     };
     on_ready(&started);
     tracing::info!(address = %local_addr, partners = config.partners.len(), "caregate is serving");

@@ -213,7 +213,9 @@ impl PolicyBundle {
     }
 
     pub fn partner(&self, id: &PartnerId) -> Option<&Partner> {
-        self.partner_index.get(id).map(|&index| &self.partners[index])
+        self.partner_index
+            .get(id)
+            .map(|&index| &self.partners[index])
     }
 
     pub fn agreements(&self) -> &[Agreement] {
@@ -221,7 +223,9 @@ impl PolicyBundle {
     }
 
     pub fn agreement(&self, id: &str) -> Option<&Agreement> {
-        self.agreement_index.get(id).map(|&index| &self.agreements[index])
+        self.agreement_index
+            .get(id)
+            .map(|&index| &self.agreements[index])
     }
 
     pub fn feeds(&self) -> &[Feed] {
@@ -234,7 +238,10 @@ impl PolicyBundle {
 
     /// Every rule id the Cedar policies use, sorted (for coverage checks and documentation).
     pub fn rule_ids(&self) -> BTreeSet<String> {
-        self.rules.values().map(|rule| rule.rule_id.clone()).collect()
+        self.rules
+            .values()
+            .map(|rule| rule.rule_id.clone())
+            .collect()
     }
 
     pub(crate) fn action(&self, purpose: Purpose) -> &EntityUid {
@@ -255,7 +262,10 @@ impl PolicyBundle {
         let ics_text = files.get(ICS_FILE)?;
         let ics: IcsFile = parse_toml(ICS_FILE, ics_text)?;
         let code_lists = load_code_lists(files)?;
-        let categories: HashSet<&str> = code_lists.iter().map(|list| list.category.as_str()).collect();
+        let categories: HashSet<&str> = code_lists
+            .iter()
+            .map(|list| list.category.as_str())
+            .collect();
         let partners = build_partners(&ics, ics_text, &categories)?;
         let partner_index: HashMap<PartnerId, usize> = partners
             .iter()
@@ -302,7 +312,11 @@ struct BundleFiles {
 
 impl BundleFiles {
     fn read(dir: &Path) -> Result<Self, PolicyError> {
-        let mut names: Vec<String> = vec![SCHEMA_FILE.to_owned(), ICS_FILE.to_owned(), AGREEMENTS_FILE.to_owned()];
+        let mut names: Vec<String> = vec![
+            SCHEMA_FILE.to_owned(),
+            ICS_FILE.to_owned(),
+            AGREEMENTS_FILE.to_owned(),
+        ];
         for entry in read_dir_sorted(dir)? {
             if entry.ends_with(".cedar") {
                 names.push(entry);
@@ -322,9 +336,16 @@ impl BundleFiles {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(PolicyError::Missing { file: PathBuf::from(name) });
+                    return Err(PolicyError::Missing {
+                        file: PathBuf::from(name),
+                    });
                 }
-                Err(source) => return Err(PolicyError::Read { file: PathBuf::from(name), source }),
+                Err(source) => {
+                    return Err(PolicyError::Read {
+                        file: PathBuf::from(name),
+                        source,
+                    });
+                }
             };
             files.insert(name, text);
         }
@@ -335,7 +356,9 @@ impl BundleFiles {
         self.files
             .get(name)
             .map(String::as_str)
-            .ok_or_else(|| PolicyError::Missing { file: PathBuf::from(name) })
+            .ok_or_else(|| PolicyError::Missing {
+                file: PathBuf::from(name),
+            })
     }
 
     /// SHA-256 over, for each file in canonical order: path, NUL, length (u64 big-endian),
@@ -353,7 +376,10 @@ impl BundleFiles {
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<String>, PolicyError> {
-    let read_error = |source| PolicyError::Read { file: dir.to_path_buf(), source };
+    let read_error = |source| PolicyError::Read {
+        file: dir.to_path_buf(),
+        source,
+    };
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_error)? {
         let entry = entry.map_err(read_error)?;
@@ -372,7 +398,11 @@ pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or("");
     let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |tail| tail.chars().count())
+        + 1;
     (line, column)
 }
 
@@ -445,10 +475,19 @@ fn load_policies(
     let mut rules = HashMap::new();
     // Which file (and its text) each policy came from, to locate validation errors.
     let mut origin: HashMap<PolicyId, &str> = HashMap::new();
-    for (name, text) in files.files.iter().filter(|(name, _)| name.ends_with(".cedar")) {
-        let parsed = PolicySet::from_str(text).map_err(|error| diagnostic_error(name, text, &error))?;
+    for (name, text) in files
+        .files
+        .iter()
+        .filter(|(name, _)| name.ends_with(".cedar"))
+    {
+        let parsed =
+            PolicySet::from_str(text).map_err(|error| diagnostic_error(name, text, &error))?;
         if parsed.templates().next().is_some() {
-            return Err(invalid(name, 0, "policy templates are not used in caregate bundles"));
+            return Err(invalid(
+                name,
+                0,
+                "policy templates are not used in caregate bundles",
+            ));
         }
         for policy in parsed.policies() {
             let line = policy
@@ -464,11 +503,19 @@ fn load_policies(
                 }
             }
             let Some(id) = policy.annotation("id") else {
-                return Err(invalid(name, line, "every policy needs an @id(\"...\") annotation"));
+                return Err(invalid(
+                    name,
+                    line,
+                    "every policy needs an @id(\"...\") annotation",
+                ));
             };
             let policy_id = PolicyId::new(id);
             if rules.contains_key(&policy_id) {
-                return Err(invalid(name, line, format!("duplicate policy @id(\"{id}\")")));
+                return Err(invalid(
+                    name,
+                    line,
+                    format!("duplicate policy @id(\"{id}\")"),
+                ));
             }
             let rule_id = policy.annotation("rule").unwrap_or(id).to_owned();
             let reason = policy.annotation("reason").unwrap_or(id).to_owned();
@@ -496,7 +543,10 @@ fn load_policies(
         return Err(diagnostic_error(file, text, error));
     }
     if let Some(warning) = result.validation_warnings().next() {
-        let file = origin.get(warning.policy_id()).copied().unwrap_or("*.cedar");
+        let file = origin
+            .get(warning.policy_id())
+            .copied()
+            .unwrap_or("*.cedar");
         let text = files.files.get(file).map_or("", String::as_str);
         return Err(diagnostic_error(file, text, warning));
     }
@@ -529,13 +579,30 @@ fn parse_toml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<
 fn load_code_lists(files: &BundleFiles) -> Result<Vec<SensitiveCodeList>, PolicyError> {
     let mut lists: Vec<SensitiveCodeList> = Vec::new();
     let prefix = format!("{CODES_DIR}/");
-    for (name, text) in files.files.iter().filter(|(name, _)| name.starts_with(&prefix)) {
+    for (name, text) in files
+        .files
+        .iter()
+        .filter(|(name, _)| name.starts_with(&prefix))
+    {
         let file: CodeListFile = parse_toml(name, text)?;
-        if file.category.is_empty() || !file.category.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
-            return Err(invalid(name, line_of(text, &file.category), "category must be lower-case letters and '-'"));
+        if file.category.is_empty()
+            || !file
+                .category
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'-')
+        {
+            return Err(invalid(
+                name,
+                line_of(text, &file.category),
+                "category must be lower-case letters and '-'",
+            ));
         }
         if lists.iter().any(|list| list.category == file.category) {
-            return Err(invalid(name, line_of(text, &file.category), format!("category '{}' is defined twice", file.category)));
+            return Err(invalid(
+                name,
+                line_of(text, &file.category),
+                format!("category '{}' is defined twice", file.category),
+            ));
         }
         if file.version.trim().is_empty() || file.source.trim().is_empty() {
             return Err(invalid(name, 0, "a code list needs a version and a source"));
@@ -547,14 +614,24 @@ fn load_code_lists(files: &BundleFiles) -> Result<Vec<SensitiveCodeList>, Policy
         let mut codes = Vec::with_capacity(file.codes.len());
         for entry in file.codes {
             let line = line_of(text, &entry.code);
-            if entry.system.trim().is_empty() || entry.code.trim().is_empty() || entry.display.trim().is_empty() {
-                return Err(invalid(name, line, "each code needs a system, a code and a display"));
+            if entry.system.trim().is_empty()
+                || entry.code.trim().is_empty()
+                || entry.display.trim().is_empty()
+            {
+                return Err(invalid(
+                    name,
+                    line,
+                    "each code needs a system, a code and a display",
+                ));
             }
             if entry.system == crate::facts::SNOMED_CT && !is_sctid(&entry.code) {
                 return Err(invalid(
                     name,
                     line,
-                    format!("'{}' is not a SNOMED CT concept id (6-18 digits, no leading zero)", entry.code),
+                    format!(
+                        "'{}' is not a SNOMED CT concept id (6-18 digits, no leading zero)",
+                        entry.code
+                    ),
                 ));
             }
             codes.push((entry.system, entry.code));
@@ -651,23 +728,37 @@ fn default_ndoo_applies() -> bool {
     true
 }
 
-fn build_partners(ics: &IcsFile, text: &str, categories: &HashSet<&str>) -> Result<Vec<Partner>, PolicyError> {
+fn build_partners(
+    ics: &IcsFile,
+    text: &str,
+    categories: &HashSet<&str>,
+) -> Result<Vec<Partner>, PolicyError> {
     let mut partners: Vec<Partner> = Vec::with_capacity(ics.partners.len());
     for entry in &ics.partners {
         let line = line_of(text, &entry.id);
-        let id = PartnerId::parse(&entry.id).map_err(|error| invalid(ICS_FILE, line, error.to_string()))?;
+        let id = PartnerId::parse(&entry.id)
+            .map_err(|error| invalid(ICS_FILE, line, error.to_string()))?;
         if partners.iter().any(|partner| partner.id == id) {
-            return Err(invalid(ICS_FILE, line, format!("partner '{id}' is defined twice")));
+            return Err(invalid(
+                ICS_FILE,
+                line,
+                format!("partner '{id}' is defined twice"),
+            ));
         }
-        let ods = OdsCode::parse(&entry.ods_code).map_err(|error| invalid(ICS_FILE, line_of(text, &entry.ods_code), error.to_string()))?;
-        let kind = PartnerKind::from_str(&entry.kind).map_err(|error| invalid(ICS_FILE, line_of(text, &entry.kind), error.to_string()))?;
+        let ods = OdsCode::parse(&entry.ods_code).map_err(|error| {
+            invalid(ICS_FILE, line_of(text, &entry.ods_code), error.to_string())
+        })?;
+        let kind = PartnerKind::from_str(&entry.kind)
+            .map_err(|error| invalid(ICS_FILE, line_of(text, &entry.kind), error.to_string()))?;
         let _ = &entry.service;
         for category in &entry.sensitive_allowed {
             if !categories.contains(category.as_str()) {
                 return Err(invalid(
                     ICS_FILE,
                     line_of(text, category),
-                    format!("partner '{id}' is cleared for '{category}', which no sensitive-codes/*.toml list defines"),
+                    format!(
+                        "partner '{id}' is cleared for '{category}', which no sensitive-codes/*.toml list defines"
+                    ),
                 ));
             }
         }
@@ -686,9 +777,14 @@ fn build_partners(ics: &IcsFile, text: &str, categories: &HashSet<&str>) -> Resu
 
 fn toml_date(file: &str, line: usize, value: &toml::value::Datetime) -> Result<Date, PolicyError> {
     let (Some(date), None) = (value.date, value.time) else {
-        return Err(invalid(file, line, "agreement dates are plain dates, e.g. 2025-04-01"));
+        return Err(invalid(
+            file,
+            line,
+            "agreement dates are plain dates, e.g. 2025-04-01",
+        ));
     };
-    let month = time::Month::try_from(date.month).map_err(|_| invalid(file, line, "invalid month"))?;
+    let month =
+        time::Month::try_from(date.month).map_err(|_| invalid(file, line, "invalid month"))?;
     Date::from_calendar_date(i32::from(date.year), month, date.day)
         .map_err(|error| invalid(file, line, format!("invalid date: {error}")))
 }
@@ -702,25 +798,52 @@ fn build_agreements(
     for entry in file.agreements {
         let line = line_of(text, &entry.id);
         let _ = &entry.notes;
-        if entry.id.is_empty() || !entry.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Err(invalid(AGREEMENTS_FILE, line, "an agreement id is lower-case letters, digits and '-'"));
+        if entry.id.is_empty()
+            || !entry
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(invalid(
+                AGREEMENTS_FILE,
+                line,
+                "an agreement id is lower-case letters, digits and '-'",
+            ));
         }
         if agreements.iter().any(|agreement| agreement.id == entry.id) {
-            return Err(invalid(AGREEMENTS_FILE, line, format!("agreement '{}' is defined twice", entry.id)));
+            return Err(invalid(
+                AGREEMENTS_FILE,
+                line,
+                format!("agreement '{}' is defined twice", entry.id),
+            ));
         }
         if entry.legal_basis.trim().is_empty() {
-            return Err(invalid(AGREEMENTS_FILE, line, format!("agreement '{}' must state its legal basis", entry.id)));
+            return Err(invalid(
+                AGREEMENTS_FILE,
+                line,
+                format!("agreement '{}' must state its legal basis", entry.id),
+            ));
         }
         if entry.purposes.is_empty() || entry.resource_types.is_empty() || entry.parties.len() < 2 {
             return Err(invalid(
                 AGREEMENTS_FILE,
                 line,
-                format!("agreement '{}' needs purposes, resource_types and at least two parties", entry.id),
+                format!(
+                    "agreement '{}' needs purposes, resource_types and at least two parties",
+                    entry.id
+                ),
             ));
         }
         for resource_type in &entry.resource_types {
             let known = ResourceType::from_str(resource_type).is_ok()
-                || ["Composition", "MessageHeader", "Medication", "Organization", "Practitioner"].contains(&resource_type.as_str());
+                || [
+                    "Composition",
+                    "MessageHeader",
+                    "Medication",
+                    "Organization",
+                    "Practitioner",
+                ]
+                .contains(&resource_type.as_str());
             if !known {
                 return Err(invalid(
                     AGREEMENTS_FILE,
@@ -743,13 +866,25 @@ fn build_agreements(
         let in_force_from = toml_date(AGREEMENTS_FILE, line, &entry.in_force_from)?;
         let in_force_until = toml_date(AGREEMENTS_FILE, line, &entry.in_force_until)?;
         if in_force_until < in_force_from {
-            return Err(invalid(AGREEMENTS_FILE, line, format!("agreement '{}' ends before it starts", entry.id)));
-        }
-        if !entry.ndoo_applies && entry.ndoo_exemption.as_deref().is_none_or(|text| text.trim().is_empty()) {
             return Err(invalid(
                 AGREEMENTS_FILE,
                 line,
-                format!("agreement '{}' sets ndoo_applies = false without an ndoo_exemption stating the basis (NDOO-2, NDOO-3)", entry.id),
+                format!("agreement '{}' ends before it starts", entry.id),
+            ));
+        }
+        if !entry.ndoo_applies
+            && entry
+                .ndoo_exemption
+                .as_deref()
+                .is_none_or(|text| text.trim().is_empty())
+        {
+            return Err(invalid(
+                AGREEMENTS_FILE,
+                line,
+                format!(
+                    "agreement '{}' sets ndoo_applies = false without an ndoo_exemption stating the basis (NDOO-2, NDOO-3)",
+                    entry.id
+                ),
             ));
         }
         agreements.push(Agreement {
@@ -782,14 +917,28 @@ fn build_feeds(
     for entry in entries {
         let line = line_of(text, &entry.id);
         if feeds.iter().any(|feed| feed.id == entry.id) {
-            return Err(invalid(ICS_FILE, line, format!("feed '{}' is defined twice", entry.id)));
+            return Err(invalid(
+                ICS_FILE,
+                line,
+                format!("feed '{}' is defined twice", entry.id),
+            ));
         }
         let recipient = PartnerId::parse(&entry.recipient)
             .ok()
             .filter(|id| partner_index.contains_key(id))
-            .ok_or_else(|| invalid(ICS_FILE, line, format!("feed '{}' names an unknown recipient", entry.id)))?;
+            .ok_or_else(|| {
+                invalid(
+                    ICS_FILE,
+                    line,
+                    format!("feed '{}' names an unknown recipient", entry.id),
+                )
+            })?;
         if !agreement_index.contains_key(&entry.agreement) {
-            return Err(invalid(ICS_FILE, line_of(text, &entry.agreement), format!("feed '{}' names an unknown agreement", entry.id)));
+            return Err(invalid(
+                ICS_FILE,
+                line_of(text, &entry.agreement),
+                format!("feed '{}' names an unknown agreement", entry.id),
+            ));
         }
         feeds.push(Feed {
             id: entry.id,
@@ -803,9 +952,13 @@ fn build_feeds(
 }
 
 pub(crate) fn entity_uid(type_name: &str, id: &str) -> Result<EntityUid, PolicyError> {
-    let type_name = EntityTypeName::from_str(type_name)
-        .map_err(|error| PolicyError::Entities { message: error.to_string() })?;
-    Ok(EntityUid::from_type_name_and_id(type_name, EntityId::new(id)))
+    let type_name = EntityTypeName::from_str(type_name).map_err(|error| PolicyError::Entities {
+        message: error.to_string(),
+    })?;
+    Ok(EntityUid::from_type_name_and_id(
+        type_name,
+        EntityId::new(id),
+    ))
 }
 
 fn action_uid(name: &str) -> Result<EntityUid, PolicyError> {
@@ -814,30 +967,63 @@ fn action_uid(name: &str) -> Result<EntityUid, PolicyError> {
 
 /// `yyyymmdd` as a Cedar Long: readable in policies and comparable.
 pub(crate) fn date_number(date: Date) -> i64 {
-    i64::from(date.year()) * 10_000 + i64::from(u8::from(date.month())) * 100 + i64::from(date.day())
+    i64::from(date.year()) * 10_000
+        + i64::from(u8::from(date.month())) * 100
+        + i64::from(date.day())
 }
 
 fn string_set<'a>(values: impl IntoIterator<Item = &'a str>) -> RestrictedExpression {
-    RestrictedExpression::new_set(values.into_iter().map(|value| RestrictedExpression::new_string(value.to_owned())))
+    RestrictedExpression::new_set(
+        values
+            .into_iter()
+            .map(|value| RestrictedExpression::new_string(value.to_owned())),
+    )
 }
 
-fn build_entities(partners: &[Partner], agreements: &[Agreement], schema: &Schema) -> Result<Entities, PolicyError> {
-    let entity_error = |error: &dyn fmt::Display| PolicyError::Entities { message: error.to_string() };
+fn build_entities(
+    partners: &[Partner],
+    agreements: &[Agreement],
+    schema: &Schema,
+) -> Result<Entities, PolicyError> {
+    let entity_error = |error: &dyn fmt::Display| PolicyError::Entities {
+        message: error.to_string(),
+    };
     let mut entities = Vec::new();
     for kind in PartnerKind::ALL {
-        entities.push(Entity::new_no_attrs(entity_uid("PartnerKind", kind.as_str())?, HashSet::new()));
+        entities.push(Entity::new_no_attrs(
+            entity_uid("PartnerKind", kind.as_str())?,
+            HashSet::new(),
+        ));
     }
     for partner in partners {
         let attrs = HashMap::from([
-            ("name".to_owned(), RestrictedExpression::new_string(partner.name.clone())),
-            ("ods".to_owned(), RestrictedExpression::new_string(partner.ods.as_str().to_owned())),
-            ("kind".to_owned(), RestrictedExpression::new_string(partner.kind.as_str().to_owned())),
-            ("sensitive_allowed".to_owned(), string_set(partner.sensitive_allowed.iter().map(String::as_str))),
+            (
+                "name".to_owned(),
+                RestrictedExpression::new_string(partner.name.clone()),
+            ),
+            (
+                "ods".to_owned(),
+                RestrictedExpression::new_string(partner.ods.as_str().to_owned()),
+            ),
+            (
+                "kind".to_owned(),
+                RestrictedExpression::new_string(partner.kind.as_str().to_owned()),
+            ),
+            (
+                "sensitive_allowed".to_owned(),
+                string_set(partner.sensitive_allowed.iter().map(String::as_str)),
+            ),
         ]);
         let parents = HashSet::from([entity_uid("PartnerKind", partner.kind.as_str())?]);
-        entities.push(Entity::new(partner.uid.clone(), attrs, parents).map_err(|error| entity_error(&error))?);
+        entities.push(
+            Entity::new(partner.uid.clone(), attrs, parents)
+                .map_err(|error| entity_error(&error))?,
+        );
     }
-    let partner_uid: HashMap<&PartnerId, &EntityUid> = partners.iter().map(|partner| (&partner.id, &partner.uid)).collect();
+    let partner_uid: HashMap<&PartnerId, &EntityUid> = partners
+        .iter()
+        .map(|partner| (&partner.id, &partner.uid))
+        .collect();
     for agreement in agreements {
         let parties = agreement
             .parties
@@ -845,18 +1031,48 @@ fn build_entities(partners: &[Partner], agreements: &[Agreement], schema: &Schem
             .filter_map(|party| partner_uid.get(party))
             .map(|uid| RestrictedExpression::new_entity_uid((*uid).clone()));
         let attrs = HashMap::from([
-            ("title".to_owned(), RestrictedExpression::new_string(agreement.title.clone())),
-            ("status".to_owned(), RestrictedExpression::new_string(agreement.status.as_str().to_owned())),
-            ("legal_basis".to_owned(), RestrictedExpression::new_string(agreement.legal_basis.clone())),
-            ("purposes".to_owned(), string_set(agreement.purposes.iter().map(|purpose| purpose.as_str()))),
-            ("resource_types".to_owned(), string_set(agreement.resource_types.iter().map(String::as_str))),
+            (
+                "title".to_owned(),
+                RestrictedExpression::new_string(agreement.title.clone()),
+            ),
+            (
+                "status".to_owned(),
+                RestrictedExpression::new_string(agreement.status.as_str().to_owned()),
+            ),
+            (
+                "legal_basis".to_owned(),
+                RestrictedExpression::new_string(agreement.legal_basis.clone()),
+            ),
+            (
+                "purposes".to_owned(),
+                string_set(agreement.purposes.iter().map(|purpose| purpose.as_str())),
+            ),
+            (
+                "resource_types".to_owned(),
+                string_set(agreement.resource_types.iter().map(String::as_str)),
+            ),
             ("parties".to_owned(), RestrictedExpression::new_set(parties)),
-            ("in_force_from".to_owned(), RestrictedExpression::new_long(date_number(agreement.in_force_from))),
-            ("in_force_until".to_owned(), RestrictedExpression::new_long(date_number(agreement.in_force_until))),
-            ("break_glass_permitted".to_owned(), RestrictedExpression::new_bool(agreement.break_glass_permitted)),
-            ("ndoo_applies".to_owned(), RestrictedExpression::new_bool(agreement.ndoo_applies)),
+            (
+                "in_force_from".to_owned(),
+                RestrictedExpression::new_long(date_number(agreement.in_force_from)),
+            ),
+            (
+                "in_force_until".to_owned(),
+                RestrictedExpression::new_long(date_number(agreement.in_force_until)),
+            ),
+            (
+                "break_glass_permitted".to_owned(),
+                RestrictedExpression::new_bool(agreement.break_glass_permitted),
+            ),
+            (
+                "ndoo_applies".to_owned(),
+                RestrictedExpression::new_bool(agreement.ndoo_applies),
+            ),
         ]);
-        entities.push(Entity::new(agreement.uid.clone(), attrs, HashSet::new()).map_err(|error| entity_error(&error))?);
+        entities.push(
+            Entity::new(agreement.uid.clone(), attrs, HashSet::new())
+                .map_err(|error| entity_error(&error))?,
+        );
     }
     Entities::from_entities(entities, Some(schema)).map_err(|error| entity_error(&error))
 }

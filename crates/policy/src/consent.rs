@@ -183,7 +183,11 @@ impl ConsentRegistry {
     /// Replace the NDOO list with `text` (one NHS number per line, LF or CRLF, blank lines
     /// ignored — the national service's format, `NDOO-6`), loaded at `loaded_at`. A bad line
     /// rejects the whole file and leaves the old list (and its age) in force.
-    pub fn load_ndoo(&mut self, text: &str, loaded_at: OffsetDateTime) -> Result<ListLoad, ConsentError> {
+    pub fn load_ndoo(
+        &mut self,
+        text: &str,
+        loaded_at: OffsetDateTime,
+    ) -> Result<ListLoad, ConsentError> {
         let numbers = parse_number_list(text)?;
         let entries = numbers.len();
         self.ndoo = numbers;
@@ -214,7 +218,10 @@ impl ConsentRegistry {
         if resource.resource_type() != ResourceType::Consent {
             return Err(ConsentError::NotAConsent);
         }
-        let nhs_number = resource.nhs_number().ok_or(ConsentError::NoPatient)?.clone();
+        let nhs_number = resource
+            .nhs_number()
+            .ok_or(ConsentError::NoPatient)?
+            .clone();
         let mut directive = parse_consent(resource.value())?;
         directive.key = resource.id().map(|id| format!("{submitter}/{id}"));
         self.sequence += 1;
@@ -231,7 +238,13 @@ impl ConsentRegistry {
 
     /// Note a care relationship event: `partner` opened (or, with `open == false`, closed) the
     /// episode `key` for the patient.
-    pub fn note_relationship(&mut self, nhs_number: &NhsNumber, partner: &PartnerId, key: &str, open: bool) {
+    pub fn note_relationship(
+        &mut self,
+        nhs_number: &NhsNumber,
+        partner: &PartnerId,
+        key: &str,
+        open: bool,
+    ) {
         let patient = self.patients.entry(nhs_number.clone()).or_default();
         patient
             .relationships
@@ -247,12 +260,18 @@ impl ConsentRegistry {
 
     /// Note the patient's registered GP practice (from `Patient.generalPractitioner`).
     pub fn note_registered_gp(&mut self, nhs_number: &NhsNumber, ods: &OdsCode) {
-        self.patients.entry(nhs_number.clone()).or_default().registered_gp = Some(ods.clone());
+        self.patients
+            .entry(nhs_number.clone())
+            .or_default()
+            .registered_gp = Some(ods.clone());
     }
 
     /// Note a Type 1 opt-out recorded by the patient's GP (`T1-1`).
     pub fn note_type1(&mut self, nhs_number: &NhsNumber) {
-        self.patients.entry(nhs_number.clone()).or_default().type1_noted = true;
+        self.patients
+            .entry(nhs_number.clone())
+            .or_default()
+            .type1_noted = true;
     }
 
     /// Learn what an accepted record says about consent and relationships: registered GP from a
@@ -270,7 +289,12 @@ impl ConsentRegistry {
             self.note_type1(nhs_number);
         }
         if let Some(episode) = facts.care_episode() {
-            self.note_relationship(nhs_number, &facts.submitter().id, &episode.key, episode.open);
+            self.note_relationship(
+                nhs_number,
+                &facts.submitter().id,
+                &episode.key,
+                episode.open,
+            );
         }
     }
 
@@ -343,7 +367,9 @@ impl<'a> ConsentView<'a> {
             .max_by(|a, b| {
                 a.recorded
                     .cmp(&b.recorded)
-                    .then_with(|| (a.effect == ConsentEffect::Deny).cmp(&(b.effect == ConsentEffect::Deny)))
+                    .then_with(|| {
+                        (a.effect == ConsentEffect::Deny).cmp(&(b.effect == ConsentEffect::Deny))
+                    })
                     .then_with(|| a.sequence.cmp(&b.sequence))
             });
         match newest.map(|consent| consent.effect) {
@@ -362,10 +388,11 @@ fn parse_number_list(text: &str) -> Result<HashSet<NhsNumber>, ConsentError> {
         if line.is_empty() {
             continue;
         }
-        let number = NhsNumber::parse(line, &policy).map_err(|error| ConsentError::BadListLine {
-            line: index + 1,
-            reason: error.to_string(),
-        })?;
+        let number =
+            NhsNumber::parse(line, &policy).map_err(|error| ConsentError::BadListLine {
+                line: index + 1,
+                reason: error.to_string(),
+            })?;
         numbers.insert(number);
     }
     Ok(numbers)
@@ -373,13 +400,18 @@ fn parse_number_list(text: &str) -> Result<HashSet<NhsNumber>, ConsentError> {
 
 /// Reduce a Consent resource to a directive (`key` and `sequence` are set by the caller).
 fn parse_consent(value: &Value) -> Result<ConsentDirective, ConsentError> {
-    let status = value.get("status").and_then(Value::as_str).ok_or(ConsentError::BadStatus)?;
+    let status = value
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or(ConsentError::BadStatus)?;
     let active = match status {
         "active" => true,
         "draft" | "proposed" | "rejected" | "inactive" | "entered-in-error" => false,
         _ => return Err(ConsentError::BadStatus),
     };
-    let provision = value.get("provision").ok_or(ConsentError::NoProvisionType)?;
+    let provision = value
+        .get("provision")
+        .ok_or(ConsentError::NoProvisionType)?;
     let effect = match provision.get("type").and_then(Value::as_str) {
         Some("permit") => ConsentEffect::Permit,
         Some("deny") => ConsentEffect::Deny,
@@ -405,8 +437,16 @@ fn parse_consent(value: &Value) -> Result<ConsentDirective, ConsentError> {
         return Err(ConsentError::NoActor);
     }
     let period = provision.get("period");
-    let starts = optional_instant(period.and_then(|p| p.get("start")), false, "Consent.provision.period.start")?;
-    let ends = optional_instant(period.and_then(|p| p.get("end")), true, "Consent.provision.period.end")?;
+    let starts = optional_instant(
+        period.and_then(|p| p.get("start")),
+        false,
+        "Consent.provision.period.start",
+    )?;
+    let ends = optional_instant(
+        period.and_then(|p| p.get("end")),
+        true,
+        "Consent.provision.period.end",
+    )?;
     let recorded = optional_instant(value.get("dateTime"), false, "Consent.dateTime")?;
     Ok(ConsentDirective {
         key: None,
@@ -456,7 +496,11 @@ pub(crate) fn fhir_instant(text: &str, end_of_period: bool) -> Option<OffsetDate
         start.next_day()?
     } else if month.is_some() {
         let next = start_month.next();
-        let next_year = if next == Month::January { year + 1 } else { year };
+        let next_year = if next == Month::January {
+            year + 1
+        } else {
+            year
+        };
         Date::from_calendar_date(next_year, next, 1).ok()?
     } else {
         Date::from_calendar_date(year + 1, Month::January, 1).ok()?
@@ -478,6 +522,43 @@ mod tests {
         assert_eq!(end, Date::from_calendar_date(2025, Month::April, 1).ok());
         assert!(fhir_instant("2025-02-30", false).is_none());
         assert!(fhir_instant("2025-06-01T10:00:00Z", false).is_some());
+    }
+
+    #[test]
+    fn lr_1_closing_an_episode_ends_the_care_relationship() {
+        let mut registry = ConsentRegistry::new(Duration::days(1));
+        let number = NhsNumber::parse("9434765919", &permissive_nhs_policy()).unwrap();
+        let trust = PartnerId::parse("trust-rx1").unwrap();
+        registry.note_relationship(&number, &trust, "Encounter/e1", true);
+        registry.note_relationship(&number, &trust, "Encounter/e2", true);
+        registry.note_relationship(&number, &trust, "Encounter/e1", false);
+        assert_eq!(registry.view(Some(&number)).care_team().count(), 1);
+        registry.note_relationship(&number, &trust, "Encounter/e2", false);
+        assert_eq!(registry.view(Some(&number)).care_team().count(), 0);
+    }
+
+    #[test]
+    fn ndoo_6_cache_age_against_maximum() {
+        let cache = NdooCache {
+            loaded_at: Some(OffsetDateTime::UNIX_EPOCH),
+            max_age: Duration::hours(24),
+        };
+        assert_eq!(
+            cache.freshness(OffsetDateTime::UNIX_EPOCH + Duration::hours(24)),
+            NdooFreshness::Fresh
+        );
+        assert!(matches!(
+            cache.freshness(OffsetDateTime::UNIX_EPOCH + Duration::hours(25)),
+            NdooFreshness::Stale { .. }
+        ));
+        let never = NdooCache {
+            loaded_at: None,
+            max_age: Duration::hours(24),
+        };
+        assert_eq!(
+            never.freshness(OffsetDateTime::UNIX_EPOCH),
+            NdooFreshness::NeverLoaded
+        );
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub struct Coding {
 pub struct CareEpisode {
     /// `Encounter/<id>` or `EpisodeOfCare/<id>`: a later version with the same key closes it.
     pub key: String,
-    /// Status is one of the open ones and `period.end` (if any) is not in the past.
+    /// Status is one of the open ones and there is no `period.end` (an end date, past or
+    /// planned, closes the relationship: fail towards not sharing).
     pub open: bool,
 }
 
@@ -242,19 +243,25 @@ impl RecordFacts {
 fn is_medication_related(resource_type: &str, value: &Value) -> bool {
     match resource_type {
         "MedicationRequest" | "MedicationDispense" | "MedicationStatement" | "Medication" => true,
-        "AllergyIntolerance" => value
-            .get("category")
-            .and_then(Value::as_array)
-            .is_some_and(|categories| {
-                categories
-                    .iter()
-                    .any(|category| category.as_str() == Some("medication"))
-            }),
+        "AllergyIntolerance" => {
+            value
+                .get("category")
+                .and_then(Value::as_array)
+                .is_some_and(|categories| {
+                    categories
+                        .iter()
+                        .any(|category| category.as_str() == Some("medication"))
+                })
+        }
         _ => false,
     }
 }
 
-fn care_episode(resource_type: ResourceType, id: Option<&str>, value: &Value) -> Option<CareEpisode> {
+fn care_episode(
+    resource_type: ResourceType,
+    id: Option<&str>,
+    value: &Value,
+) -> Option<CareEpisode> {
     let open_statuses: &[&str] = match resource_type {
         ResourceType::Encounter => &["planned", "arrived", "triaged", "in-progress", "onleave"],
         ResourceType::EpisodeOfCare => &["planned", "waitlist", "active", "onhold"],
@@ -286,7 +293,10 @@ struct Walk {
 impl Walk {
     /// A resource (top level or Bundle entry). `top` is false inside a Bundle entry.
     fn resource(&mut self, value: &Value, top: bool) {
-        let resource_type = value.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        let resource_type = value
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if resource_type == "Patient" {
             self.patient(value);
         }

@@ -27,8 +27,7 @@ impl PartnerId {
     pub fn parse(s: &str) -> Result<Self, InvalidPartnerId> {
         let valid = !s.is_empty()
             && s.len() <= 64
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if valid {
             Ok(Self(s.to_owned()))

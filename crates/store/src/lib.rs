@@ -9,10 +9,11 @@
 //! (fsync'd); a 2xx to a partner is sent only after that.
 
 use async_trait::async_trait;
-use caregate_audit::AuditEvent;
+use caregate_audit::{Action, AuditEvent, Outcome};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub mod delivery;
 pub mod sqlite;
 
 /// A position in the committed log. Starts at 1; 0 means "before the first entry".
@@ -123,6 +124,68 @@ pub struct StoredAuditEvent {
     pub event: AuditEvent,
 }
 
+/// A search of the audit log for IG officers (DOMAIN.md `IGQ`). Every filter is optional and they
+/// combine with AND; results come oldest first, one page at a time (keyset paging on `seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditQuery {
+    /// The patient's NHS number (already validated by the caller).
+    pub patient: Option<String>,
+    /// The acting partner's id.
+    pub partner: Option<String>,
+    /// Events recorded at or after this instant.
+    pub from: Option<OffsetDateTime>,
+    /// Events recorded before this instant.
+    pub to: Option<OffsetDateTime>,
+    pub action: Option<Action>,
+    pub outcome: Option<Outcome>,
+    /// Only break-glass accesses (purpose of use `ETREAT` or `BTG`, DOMAIN.md `LR-2`).
+    pub break_glass_only: bool,
+    /// Only events nobody has reviewed yet (with `break_glass_only`: the review queue).
+    pub unreviewed_only: bool,
+    /// Continue after this sequence number (the previous page's `next`).
+    pub after_seq: Option<Seq>,
+    /// Page size; the store caps it at [`AuditQuery::MAX_LIMIT`] (0 means the default).
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    /// The largest page a store returns.
+    pub const MAX_LIMIT: usize = 1_000;
+    /// The page size when `limit` is 0.
+    pub const DEFAULT_LIMIT: usize = 100;
+
+    /// The page size actually used.
+    pub fn page_size(&self) -> usize {
+        match self.limit {
+            0 => Self::DEFAULT_LIMIT,
+            n => n.min(Self::MAX_LIMIT),
+        }
+    }
+}
+
+/// A break-glass event marked as reviewed by an IG officer (DOMAIN.md `LR-2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReview {
+    /// The reviewed event.
+    pub seq: Seq,
+    /// Who reviewed it (the officer's username or the partner id).
+    pub reviewer: String,
+    /// Set by the store at commit.
+    #[serde(with = "time::serde::rfc3339")]
+    pub reviewed_at: OffsetDateTime,
+    pub note: String,
+}
+
+/// One page of an [`AuditQuery`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPage {
+    pub events: Vec<StoredAuditEvent>,
+    /// The reviews of events on this page, if any were reviewed.
+    pub reviews: Vec<AuditReview>,
+    /// Pass as `after_seq` for the next page; `None` on the last page.
+    pub next: Option<Seq>,
+}
+
 /// Why a store operation failed. The edge maps these to responses: `Conflict` and
 /// `PreconditionFailed` are the caller's (409/412); `Unavailable` is 503 with `Retry-After`;
 /// `Failed` is fail-stop (the store refuses all further writes, PostgreSQL-style, DOMAIN.md F4).
@@ -172,4 +235,91 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Move a reader's durable cursor.
     async fn save_cursor(&self, reader: &str, seq: Seq) -> Result<(), StoreError>;
+
+    /// One page of audit events matching `query`, oldest first.
+    async fn query_audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError>;
+
+    /// One audit event by sequence number, with its review if it has one.
+    async fn audit_event(
+        &self,
+        seq: Seq,
+    ) -> Result<Option<(StoredAuditEvent, Option<AuditReview>)>, StoreError>;
+
+    /// Mark event `review.seq` as reviewed, durably, in the same commit as `audit` (the review is
+    /// itself an audited action). `Conflict` if it was already reviewed; `PreconditionFailed` if
+    /// there is no such event. `review.reviewed_at` is replaced by the commit time.
+    async fn review_audit(
+        &self,
+        review: AuditReview,
+        audit: AuditEvent,
+    ) -> Result<AuditReview, StoreError>;
+
+    // --- Delivery (issue 4): delivery rows, inbox, dead letters. See [`delivery`]. ---
+
+    /// Create delivery rows (idempotent on `(seq, partner)`) and move `reader`'s cursor to
+    /// `through`, in one commit: a crash leaves either both or neither. Returns the rows created.
+    async fn enqueue_deliveries(
+        &self,
+        reader: &str,
+        through: Seq,
+        rows: Vec<delivery::NewDelivery>,
+    ) -> Result<u64, StoreError>;
+
+    /// Claim up to `limit` due push rows for `partner`, oldest first: pending, retry time reached,
+    /// not leased, and no earlier pending row with the same order key. Each is leased for `lease`
+    /// (not claimed again until it ends or the lease runs out, e.g. after a crash).
+    async fn claim_deliveries(
+        &self,
+        partner: &str,
+        limit: usize,
+        lease: std::time::Duration,
+    ) -> Result<Vec<delivery::PendingDelivery>, StoreError>;
+
+    /// Record how an attempt on a pending row ended, with its audit events, in one commit.
+    /// Returns false (and writes nothing) if the row was no longer pending.
+    async fn finish_delivery(
+        &self,
+        id: delivery::DeliveryId,
+        result: delivery::DeliveryResult,
+        audit: Vec<AuditEvent>,
+    ) -> Result<bool, StoreError>;
+
+    /// Pending inbox rows of `partner` with `seq > after`, oldest first, at most `limit`.
+    async fn inbox_page(
+        &self,
+        partner: &str,
+        after: Seq,
+        limit: usize,
+    ) -> Result<delivery::InboxPage, StoreError>;
+
+    /// Mark `partner`'s pending inbox rows with `seq <= through` delivered, writing for each one
+    /// a copy of `template` naming its record and patient, in one commit. Returns how many.
+    async fn ack_inbox(
+        &self,
+        partner: &str,
+        through: Seq,
+        template: AuditEvent,
+    ) -> Result<u64, StoreError>;
+
+    /// Queue depth, lag and last failure per destination (one destination if `partner` is set).
+    async fn delivery_status(
+        &self,
+        partner: Option<&str>,
+    ) -> Result<Vec<delivery::DestinationStatus>, StoreError>;
+
+    /// Dead letters with `id > after`, oldest first, at most `limit`.
+    async fn dead_letters(
+        &self,
+        partner: Option<&str>,
+        after: delivery::DeliveryId,
+        limit: usize,
+    ) -> Result<Vec<delivery::DeadLetter>, StoreError>;
+
+    /// Put dead letters back in the queue (pending, due now, attempts reset), with `audit` (the
+    /// operator's action) in the same commit. Returns how many.
+    async fn replay_dead_letters(
+        &self,
+        selector: delivery::ReplaySelector,
+        audit: AuditEvent,
+    ) -> Result<u64, StoreError>;
 }

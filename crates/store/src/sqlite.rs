@@ -52,9 +52,16 @@ use time::{OffsetDateTime, UtcOffset};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{
-    EntryOutcome, EntryReceipt, LogEntry, Receipt, RecordWrite, Seq, Store, StoreError,
-    StoredAuditEvent, Submission, WriteMode,
+    AuditPage, AuditQuery, AuditReview, EntryOutcome, EntryReceipt, LogEntry, Receipt, RecordWrite,
+    Seq, Store, StoreError, StoredAuditEvent, Submission, WriteMode,
 };
+
+#[path = "sqlite_query.rs"]
+mod query;
+pub use query::AuditReader;
+
+#[path = "sqlite_delivery.rs"]
+mod delivery;
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "caregate.db";
@@ -73,7 +80,7 @@ const TIMESTAMP_FORMAT: &[BorrowedFormatItem<'static>] =
 
 /// Schema migrations; step `i` takes `PRAGMA user_version` from `i` to `i + 1`. Append new steps;
 /// never edit a released one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, query::SCHEMA_V2, delivery::SCHEMA_DELIVERY];
 
 const SCHEMA_V1: &str = "
 -- The committed log: every version of every record, in commit order. seq is never reused.
@@ -401,9 +408,9 @@ impl Store for SqliteStore {
     async fn submit(&self, submission: Submission) -> Result<Receipt, StoreError> {
         match self.request(Work::Submit(submission)).await? {
             Answer::Receipt(receipt) => Ok(receipt),
-            Answer::CursorSaved => Err(StoreError::Failed(
-                "the store writer answered a different request".to_owned(),
-            )),
+            Answer::CursorSaved | Answer::Reviewed(_) | Answer::Delivery(_) => Err(
+                StoreError::Failed("the store writer answered a different request".to_owned()),
+            ),
         }
     }
 
@@ -491,10 +498,126 @@ impl Store for SqliteStore {
         };
         match self.request(work).await? {
             Answer::CursorSaved => Ok(()),
-            Answer::Receipt(_) => Err(StoreError::Failed(
-                "the store writer answered a different request".to_owned(),
-            )),
+            Answer::Receipt(_) | Answer::Reviewed(_) | Answer::Delivery(_) => Err(
+                StoreError::Failed("the store writer answered a different request".to_owned()),
+            ),
         }
+    }
+
+    async fn query_audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let query = query.clone();
+        self.read(move |conn| query::query_audit(conn, &query))
+            .await
+    }
+
+    async fn audit_event(
+        &self,
+        seq: Seq,
+    ) -> Result<Option<(StoredAuditEvent, Option<AuditReview>)>, StoreError> {
+        self.read(move |conn| query::audit_event(conn, seq)).await
+    }
+
+    async fn review_audit(
+        &self,
+        review: AuditReview,
+        audit: AuditEvent,
+    ) -> Result<AuditReview, StoreError> {
+        match self.request(Work::Review { review, audit }).await? {
+            Answer::Reviewed(review) => Ok(review),
+            Answer::Receipt(_) | Answer::CursorSaved | Answer::Delivery(_) => Err(
+                StoreError::Failed("the store writer answered a different request".to_owned()),
+            ),
+        }
+    }
+
+    // --- Delivery (issue 4): bodies in sqlite_delivery.rs. ---
+
+    async fn enqueue_deliveries(
+        &self,
+        reader: &str,
+        through: Seq,
+        rows: Vec<crate::delivery::NewDelivery>,
+    ) -> Result<u64, StoreError> {
+        let reader = reader.to_owned();
+        self.delivery_count(delivery::DeliveryWork::Enqueue {
+            reader,
+            through,
+            rows,
+        })
+        .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        partner: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<crate::delivery::PendingDelivery>, StoreError> {
+        self.delivery_claim(partner, limit, lease).await
+    }
+
+    async fn finish_delivery(
+        &self,
+        id: crate::delivery::DeliveryId,
+        result: crate::delivery::DeliveryResult,
+        audit: Vec<AuditEvent>,
+    ) -> Result<bool, StoreError> {
+        self.delivery_finish(id, result, audit).await
+    }
+
+    async fn inbox_page(
+        &self,
+        partner: &str,
+        after: Seq,
+        limit: usize,
+    ) -> Result<crate::delivery::InboxPage, StoreError> {
+        let partner = partner.to_owned();
+        self.read(move |conn| delivery::inbox_page(conn, &partner, after, limit))
+            .await
+    }
+
+    async fn ack_inbox(
+        &self,
+        partner: &str,
+        through: Seq,
+        template: AuditEvent,
+    ) -> Result<u64, StoreError> {
+        let partner = partner.to_owned();
+        self.delivery_count(delivery::DeliveryWork::AckInbox {
+            partner,
+            through,
+            template,
+        })
+        .await
+    }
+
+    async fn delivery_status(
+        &self,
+        partner: Option<&str>,
+    ) -> Result<Vec<crate::delivery::DestinationStatus>, StoreError> {
+        let partner = partner.map(str::to_owned);
+        self.read(move |conn| delivery::status(conn, partner.as_deref()))
+            .await
+    }
+
+    async fn dead_letters(
+        &self,
+        partner: Option<&str>,
+        after: crate::delivery::DeliveryId,
+        limit: usize,
+    ) -> Result<Vec<crate::delivery::DeadLetter>, StoreError> {
+        let partner = partner.map(str::to_owned);
+        self.read(move |conn| delivery::dead_letters(conn, partner.as_deref(), after, limit))
+            .await
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        selector: crate::delivery::ReplaySelector,
+        audit: AuditEvent,
+    ) -> Result<u64, StoreError> {
+        self.delivery_count(delivery::DeliveryWork::Replay { selector, audit })
+            .await
     }
 }
 
@@ -860,12 +983,24 @@ struct Job {
 
 enum Work {
     Submit(Submission),
-    SaveCursor { reader: String, seq: Seq },
+    SaveCursor {
+        reader: String,
+        seq: Seq,
+    },
+    /// A review mark and the review's own audit event ([`query::apply_review`]).
+    Review {
+        review: AuditReview,
+        audit: AuditEvent,
+    },
+    /// Delivery rows, inbox and dead letters ([`delivery::apply`]).
+    Delivery(delivery::DeliveryWork),
 }
 
 enum Answer {
     Receipt(Receipt),
     CursorSaved,
+    Reviewed(AuditReview),
+    Delivery(delivery::DeliveryAnswer),
 }
 
 /// The commit time of one batch, as a value and as stored.
@@ -1152,6 +1287,10 @@ fn apply_work(
                 .execute(params![reader, seq])?;
             Ok(Answer::CursorSaved)
         }
+        Work::Review { review, audit } => {
+            query::apply_review(conn, review, audit, clock, frontier).map(Answer::Reviewed)
+        }
+        Work::Delivery(work) => delivery::apply(conn, work, clock, frontier),
     }
 }
 

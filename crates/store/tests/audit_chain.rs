@@ -2,7 +2,10 @@
 //! gets its RFC 9162 leaf in the same commit, checkpoints are signed on schedule, and offline
 //! verification detects an edited, deleted or truncated event and an edited query column.
 
-#![allow(clippy::unwrap_used, reason = "test helpers: a failure is a broken test set-up")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failure is a broken test set-up"
+)]
 
 use std::num::NonZeroU64;
 use std::path::Path;

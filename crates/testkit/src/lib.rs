@@ -1,3 +1,5 @@
 //! Test support shared by caregate's crates, end-to-end tests and benchmarks.
 
 pub mod keys;
+pub mod partner_server;
+pub mod synth;

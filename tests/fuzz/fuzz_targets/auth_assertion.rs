@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use caregate_auth::{
-    AuthConfig, Authority, Clock, ClientRegistration, SigningKey, TokenRequest,
-    CLIENT_CREDENTIALS, JWT_BEARER_ASSERTION_TYPE,
+    AuthConfig, Authority, CLIENT_CREDENTIALS, ClientRegistration, Clock,
+    JWT_BEARER_ASSERTION_TYPE, SigningKey, TokenRequest,
 };
 use caregate_testkit::keys::PartnerKey;
 use libfuzzer_sys::fuzz_target;
@@ -142,7 +142,10 @@ fuzz_target!(|data: &[u8]| {
                 let last = forged.pop().expect("non-empty token");
                 forged.push(if last == 'A' { 'B' } else { 'A' });
                 assert!(
-                    fixture.authority.verify_bearer(&forged, thumbprint).is_err(),
+                    fixture
+                        .authority
+                        .verify_bearer(&forged, thumbprint)
+                        .is_err(),
                     "a token with a corrupted signature was accepted"
                 );
             }

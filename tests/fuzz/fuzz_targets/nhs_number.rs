@@ -44,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let digits: String = data.iter().take(10).map(|b| char::from(b'0' + b % 10)).collect();
+    let digits: String = data
+        .iter()
+        .take(10)
+        .map(|b| char::from(b'0' + b % 10))
+        .collect();
     let policies = [
         NhsNumberPolicy::default(),
         NhsNumberPolicy {

@@ -28,7 +28,9 @@ fn holds_bom(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\u{FEFF}'),
         Value::Array(items) => items.iter().any(holds_bom),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\u{FEFF}') || holds_bom(v)),
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| k.contains('\u{FEFF}') || holds_bom(v)),
         _ => false,
     }
 }
@@ -39,7 +41,11 @@ fuzz_target!(|data: &[u8]| {
         let limits = JsonLimits { max_depth };
         match (parse_strict(data, &limits), &accepted) {
             (Ok(value), None) => {
-                assert!(depth(&value) <= max_depth, "depth {} > {max_depth}", depth(&value));
+                assert!(
+                    depth(&value) <= max_depth,
+                    "depth {} > {max_depth}",
+                    depth(&value)
+                );
                 if !holds_bom(&value) {
                     let text = serde_json::to_vec(&value).expect("a Value serialises");
                     let again = parse_strict(&text, &limits)

@@ -1,0 +1,76 @@
+//! What operators do with deliveries, for the CLI (`caregate deliveries …`) and the admin API:
+//! queue depth and lag per destination, the dead letters, and replaying them.
+
+use caregate_audit::{Action, Actor, AuditEvent, Outcome};
+use caregate_store::Store;
+use caregate_store::delivery::{DeadLetter, DeliveryId, DestinationStatus, ReplaySelector};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::error::DeliverError;
+
+/// The most dead letters one listing returns.
+pub const MAX_DEAD_LETTERS: usize = 1000;
+
+/// One destination's status, with the age of its oldest undelivered record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusReport {
+    #[serde(flatten)]
+    pub status: DestinationStatus,
+    /// Seconds since the oldest undelivered record was committed.
+    pub oldest_pending_age_secs: Option<i64>,
+}
+
+/// Status of every destination with delivery rows (or one).
+pub async fn status(
+    store: &dyn Store,
+    partner: Option<&str>,
+) -> Result<Vec<StatusReport>, DeliverError> {
+    let now = OffsetDateTime::now_utc();
+    Ok(store
+        .delivery_status(partner)
+        .await?
+        .into_iter()
+        .map(|status| StatusReport {
+            oldest_pending_age_secs: status
+                .oldest_pending_committed_at
+                .map(|at| (now - at).whole_seconds().max(0)),
+            status,
+        })
+        .collect())
+}
+
+/// Dead letters after `after`, oldest first.
+pub async fn dead_letters(
+    store: &dyn Store,
+    partner: Option<&str>,
+    after: DeliveryId,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DeliverError> {
+    Ok(store
+        .dead_letters(partner, after, limit.clamp(1, MAX_DEAD_LETTERS))
+        .await?)
+}
+
+/// Put dead letters back in the queue; audited as `delivery-replay` by `operator`. The delivery
+/// keeps its idempotency key, so a partner that did receive it drops the repeat.
+pub async fn replay(
+    store: &dyn Store,
+    selector: ReplaySelector,
+    request_id: &str,
+    operator: &str,
+) -> Result<u64, DeliverError> {
+    let actor = Actor {
+        client_id: Some(operator.to_owned()),
+        ..Actor::default()
+    };
+    let mut event = AuditEvent::new(request_id, actor, Action::DeliveryReplay, Outcome::Success);
+    event.detail = Some(match &selector {
+        ReplaySelector::One(id) => format!("replay dead letter {id}"),
+        ReplaySelector::Partner(partner) => format!("replay dead letters of {partner}"),
+    });
+    if let ReplaySelector::Partner(partner) = &selector {
+        event.actor.partner_id = Some(partner.clone());
+    }
+    Ok(store.replay_dead_letters(selector, event).await?)
+}

@@ -1,0 +1,278 @@
+//! FHIR Bulk Data `$export` end to end (issue 5): the real binary over TLS, a SMART token for the
+//! ICB, records with stored policy decisions in the log, NDJSON that parses as FHIR R4 and
+//! carries no NHS number; another partner cannot see the job or its files (BOLA → 404).
+//!
+//! The policy stage does not yet write decisions at intake, so the test commits records with
+//! decisions straight into the data directory's store (as intake will) while the gateway is
+//! stopped, then starts it.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failure is a broken test set-up"
+)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use caregate_e2e::{Gateway, Options, TestPartner, binary, default_partners, workspace_root};
+use caregate_store::sqlite::{SqliteOptions, SqliteStore};
+use caregate_store::{RecordWrite, Store, Submission, WriteMode};
+use caregate_testkit::keys::PartnerKey;
+use serde_json::{Value, json};
+
+const FEED: &str = "icb-qe1-population-health";
+const NHS: &str = "9434765919";
+const NHS_2: &str = "9876544322";
+const OPTED_OUT: &str = "4000000004";
+
+fn record(resource: Value, nhs: &str, included: bool) -> RecordWrite {
+    let content = resource.to_string().into_bytes();
+    RecordWrite {
+        resource_type: resource["resourceType"].as_str().unwrap().into(),
+        id: resource["id"].as_str().unwrap().into(),
+        mode: WriteMode::Create,
+        content_hash: aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &content).as_ref().try_into().unwrap(),
+        content,
+        nhs_number: Some(nhs.into()),
+        identifiers: Vec::new(),
+        decision: Some(json!({ "feeds": [{ "feed": FEED, "recipient": "icb-qe1", "agreement": "dsa-icb-population-health", "included": included, "rule_ids": [], "reasons": [] }] }).to_string().into_bytes()),
+    }
+}
+
+async fn seed(data: &std::path::Path) {
+    let store = SqliteStore::open(data, SqliteOptions::default()).unwrap();
+    let mut records = Vec::new();
+    for (i, (nhs, included)) in [(NHS, true), (NHS_2, true), (OPTED_OUT, false)]
+        .into_iter()
+        .enumerate()
+    {
+        records.push(record(json!({ "resourceType": "Patient", "id": format!("p{i}"), "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs }], "name": [{ "family": "Smith" }], "gender": "female", "birthDate": "1970-04-01", "address": [{ "line": ["1 High St"], "postalCode": "LS1 4AP" }] }), nhs, included));
+        records.push(record(json!({ "resourceType": "Observation", "id": format!("o{i}"), "status": "final", "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "75367002" }] }, "subject": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs } }, "effectiveDateTime": "2025-03-04T10:00:00Z", "valueQuantity": { "value": 120, "unit": "mmHg" } }), nhs, included));
+    }
+    store
+        .submit(Submission {
+            partner: "gp-a81001".into(),
+            idempotency_key: None,
+            records,
+            audit: Vec::new(),
+        })
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_export_over_tls_gives_pseudonymised_fhir_ndjson() {
+    let mut partners = default_partners();
+    partners.push(TestPartner::new(
+        "icb-qe1",
+        "QE1",
+        "icb",
+        &["system/*.rs"],
+        PartnerKey::generate_es256("icb-qe1-1"),
+    ));
+    let definitions = workspace_root().join("policies/feeds");
+    let mut gw = Gateway::start_configured(Options {
+        partners,
+        extra_toml: format!(
+            "[feeds]\ndefinitions = \"{}\"\nkey_file = \"feed-keys.toml\"\n",
+            definitions.display()
+        ),
+        ..Options::default()
+    });
+    assert!(gw.terminate().await);
+    seed(&gw.data_dir()).await;
+    // The shipped definition with k = 2 (a two-patient test population; the shipped k is 8).
+    let feeds = gw.dir.path().join("feeds");
+    std::fs::create_dir(&feeds).unwrap();
+    let shipped = std::fs::read_to_string(definitions.join(format!("{FEED}.toml"))).unwrap();
+    std::fs::write(
+        feeds.join(format!("{FEED}.toml")),
+        shipped.replace("\nk = 8\n", "\nk = 2\n"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(
+        &gw.config_path,
+        config.replace(&definitions.display().to_string(), "feeds"),
+    )
+    .unwrap();
+    let keys = gw.dir.path().join("feed-keys.toml");
+    let status = Command::new(binary())
+        .args(["keys", "new", FEED, "--key-file"])
+        .arg(&keys)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    gw.launch();
+
+    let token = gw.token("icb-qe1").await;
+    let kick_off = gw
+        .client
+        .get(format!(
+            "{}/fhir/Group/{FEED}/$export?_type=Patient,Observation",
+            gw.base_url
+        ))
+        .bearer_auth(&token)
+        .header("Prefer", "respond-async, handling=lenient")
+        .header("Accept", "application/fhir+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kick_off.status(), 202);
+    let status_url = kick_off.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    // Another partner cannot see the job (BOLA): 404, as for a job that does not exist.
+    let gp_token = gw.token("gp-a81001").await;
+    let other = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&gp_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+
+    let manifest: Value = loop {
+        let response = gw
+            .client
+            .get(&status_url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            202 => {
+                assert!(response.headers().contains_key("x-progress"));
+                assert!(response.headers().contains_key("retry-after"));
+                // Wait on the condition (the job's state), polling briefly rather than for the
+                // advertised Retry-After, so the test does not depend on timing.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            200 => break response.json().await.unwrap(),
+            other => panic!("status {other}: {}", response.text().await.unwrap()),
+        }
+    };
+    assert_eq!(manifest["requiresAccessToken"], true);
+    assert_eq!(
+        manifest["extension"]["https://caregate.example/fhir/bulk/key-version"],
+        1
+    );
+    let outputs = manifest["output"].as_array().unwrap();
+    assert!(!outputs.is_empty());
+
+    let validator = caregate_fhir_validator();
+    let mut seen = 0;
+    for output in outputs {
+        let url = output["url"].as_str().unwrap();
+        let denied = gw
+            .client
+            .get(url)
+            .bearer_auth(&gp_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            denied.status(),
+            404,
+            "another partner must not download the file"
+        );
+        let body = gw
+            .client
+            .get(url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            !body.contains(NHS)
+                && !body.contains(NHS_2)
+                && !body.contains(OPTED_OUT)
+                && !body.contains("Smith")
+                && !body.contains("LS1 4AP")
+                && !body.contains("1970-04-01"),
+            "{body}"
+        );
+        for line in body.lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(resource["resourceType"], output["type"]);
+            validator(line.as_bytes());
+            seen += 1;
+        }
+        assert_eq!(
+            body.lines().count() as u64,
+            output["count"].as_u64().unwrap()
+        );
+    }
+    // The opted-out patient is not in the feed; k = 8 suppresses a population of one.
+    let report = &manifest["extension"]["https://caregate.example/fhir/bulk/release-report"];
+    assert_eq!(report["excluded_by_policy"], 2);
+    assert_eq!(report["minimum_k"], 2);
+    assert_eq!(seen, 4);
+
+    // Traversal and unknown names are 404s; DELETE cancels and the job is gone.
+    let traversal = gw
+        .client
+        .get(format!(
+            "{}/fhir/$export-file/{}/..%2F..%2Fcaregate.db",
+            gw.base_url,
+            status_url.rsplit('/').next().unwrap()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traversal.status(), 404);
+    let deleted = gw
+        .client
+        .delete(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    assert_eq!(
+        gw.client
+            .get(&status_url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Without Prefer: respond-async the kick-off is refused.
+    let refused = gw
+        .client
+        .get(format!("{}/fhir/$export?_feed={FEED}", gw.base_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+}
+
+/// Every output line is valid FHIR R4 for caregate's own validator (the definitions keep the
+/// elements FHIR requires) and its id is a 26-character pseudonym.
+fn caregate_fhir_validator() -> impl Fn(&[u8]) {
+    let validator =
+        caregate_fhir::Validator::new(caregate_fhir::validate::ValidatorConfig::default()).unwrap();
+    move |bytes: &[u8]| {
+        if let Err(rejection) = validator.validate_bytes(bytes, None) {
+            panic!("not valid FHIR: {:?}", rejection.outcome);
+        }
+        let value: Value = serde_json::from_slice(bytes).unwrap();
+        assert!(
+            value["id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 26 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        );
+    }
+}
