@@ -39,6 +39,8 @@ pub struct AppState {
     /// Public base URL, no trailing slash (e.g. `https://localhost:8443`).
     pub base_url: String,
     pub limits: LimitsSection,
+    /// The consent/IG policy; `None` when `[policy]` is not configured.
+    pub policy: Option<Arc<crate::policy_stage::PolicyStage>>,
 }
 
 pub type SharedState = Arc<AppState>;

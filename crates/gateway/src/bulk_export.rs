@@ -118,7 +118,11 @@ pub fn routes() -> Router<SharedState> {
 /// Add the Bulk Data service to the app when `[feeds]` is configured: definitions loaded and
 /// validated now (start-up fails on a bad one), the key file read at each kick-off (so a
 /// rotation applies without a restart). The feed policy reads the decisions stored with records.
-pub fn attach(app: Router, config: &crate::config::Config) -> Result<Router, String> {
+pub fn attach(
+    app: Router,
+    config: &crate::config::Config,
+    policy: Option<Arc<dyn caregate_feeds::FeedPolicy>>,
+) -> Result<Router, String> {
     let Some(dir) = &config.feeds.definitions else {
         return Ok(app);
     };
@@ -128,21 +132,22 @@ pub fn attach(app: Router, config: &crate::config::Config) -> Result<Router, Str
         .map(PathBuf::from)
         .or_else(|| config.feeds.key_file.clone())
         .ok_or("[feeds] needs key_file (or CAREGATE_FEED_KEYS)")?;
-    let mut policy = caregate_feeds::DecisionFeedPolicy::new();
+    let mut decision_policy = caregate_feeds::DecisionFeedPolicy::new();
     for definition in &definitions {
         if matches!(
             definition.opt_outs,
             caregate_feeds::definition::OptOuts::Exempt { .. }
         ) {
-            policy = policy.with_exemption(&definition.id);
+            decision_policy = decision_policy.with_exemption(&definition.id);
         }
     }
-    let exports = BulkExports::new(
-        definitions,
-        key_file,
-        config.data_dir.clone(),
-        Arc::new(policy),
-    );
+    // With the consent/IG policy configured, opt-outs are re-checked at export time; without it
+    // only the decisions stored with records count.
+    let policy: Arc<dyn caregate_feeds::FeedPolicy> = match policy {
+        Some(policy) => policy,
+        None => Arc::new(decision_policy),
+    };
+    let exports = BulkExports::new(definitions, key_file, config.data_dir.clone(), policy);
     Ok(app.layer(Extension(Arc::new(exports))))
 }
 

@@ -36,6 +36,28 @@ pub struct ConfigFile {
     pub ig_officers: Vec<IgOfficerSection>,
     #[serde(default)]
     pub feeds: FeedsSection,
+    pub policy: Option<PolicySection>,
+}
+
+/// The consent/IG policy (`caregate_policy`). Without this section no decision is made: records
+/// are accepted and stored but go to no partner and no feed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The policy bundle directory (`policies/` in the repository).
+    pub dir: PathBuf,
+    /// The cleaned National Data Opt-out list (one NHS number per line). Its modification time
+    /// is taken as the time it was obtained (`NDOO-6`).
+    pub ndoo_list: Option<PathBuf>,
+    /// A Type 1 opt-out list, one NHS number per line (`T1-1`).
+    pub type1_list: Option<PathBuf>,
+    /// How old the NDOO list may be before secondary-use flows fail closed, in days.
+    #[serde(default = "default_ndoo_max_age_days")]
+    pub ndoo_max_age_days: u32,
+}
+
+fn default_ndoo_max_age_days() -> u32 {
+    28
 }
 
 /// Pseudonymised feeds (issue 5, `caregate_feeds`): where the definitions and the per-feed key
@@ -384,6 +406,7 @@ pub struct Config {
     pub ig_officers: Vec<IgOfficer>,
     /// Paths resolved against the config file's directory.
     pub feeds: FeedsSection,
+    pub policy: Option<PolicySection>,
 }
 
 impl Config {
@@ -719,6 +742,12 @@ impl Validator<'_> {
                 definitions: file.feeds.definitions.as_deref().map(|p| self.resolve(p)),
                 key_file: file.feeds.key_file.as_deref().map(|p| self.resolve(p)),
             },
+            policy: file.policy.map(|policy| PolicySection {
+                dir: self.resolve(&policy.dir),
+                ndoo_list: policy.ndoo_list.as_deref().map(|p| self.resolve(p)),
+                type1_list: policy.type1_list.as_deref().map(|p| self.resolve(p)),
+                ndoo_max_age_days: policy.ndoo_max_age_days,
+            }),
         })
     }
 

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::app::{Caller, SharedState};
+use crate::app::{AppState, Caller, SharedState};
 use crate::context::{Audited, RequestCtx};
 use crate::error::{ApiError, FHIR_JSON, fhir_response};
 
@@ -127,11 +127,39 @@ fn prefer_return(headers: &HeaderMap) -> Return {
 struct Prepared {
     write: RecordWrite,
     resource: ValidatedResource,
+    /// The policy version and the rule ids that fired, for the audit event.
+    policy: Option<(String, Vec<String>)>,
 }
 
-fn prepare(mut resource: ValidatedResource, id: &str, mode: WriteMode) -> Prepared {
+/// Give the record its id, take its canonical bytes, and decide under the consent/IG policy
+/// (the decision is committed with the record; no policy configured → no decision, and the record
+/// goes to no partner and no feed).
+fn prepare(
+    state: &AppState,
+    submitter: &str,
+    mut resource: ValidatedResource,
+    id: &str,
+    mode: WriteMode,
+) -> Prepared {
     resource.clear_server_meta();
     resource.set_id(id);
+    let decision = state
+        .policy
+        .as_ref()
+        .and_then(|policy| policy.decide(&resource, submitter));
+    let policy = decision.as_ref().map(|d| {
+        let mut rules: Vec<String> = d
+            .deliver_to
+            .iter()
+            .flat_map(|r| r.rule_ids.iter().cloned())
+            .chain(d.withheld.iter().map(|w| w.rule_id.clone()))
+            .chain(d.feeds.iter().flat_map(|f| f.rule_ids.iter().cloned()))
+            .collect();
+        rules.sort();
+        rules.dedup();
+        (d.policy_version.clone(), rules)
+    });
+    let decision = decision.and_then(|d| serde_json::to_vec(&d).ok());
     let content = resource.canonical_bytes();
     let write = RecordWrite {
         resource_type: resource.resource_type().as_str().to_owned(),
@@ -141,13 +169,31 @@ fn prepare(mut resource: ValidatedResource, id: &str, mode: WriteMode) -> Prepar
         content,
         nhs_number: resource.nhs_number().map(|n| n.as_str().to_owned()),
         identifiers: resource.identifiers().to_vec(),
-        decision: None,
+        decision,
     };
-    Prepared { write, resource }
+    Prepared {
+        write,
+        resource,
+        policy,
+    }
+}
+
+/// After a commit: let the consent registry learn from what committed.
+fn learn<'a>(
+    state: &AppState,
+    submitter: &str,
+    resources: impl IntoIterator<Item = &'a ValidatedResource>,
+) {
+    if let Some(policy) = &state.policy {
+        for resource in resources {
+            policy.observe_committed(resource, submitter);
+        }
+    }
 }
 
 /// The audit event for one committed record, written in the same commit.
-fn record_event(ctx: &RequestCtx, action: Action, write: &RecordWrite) -> AuditEvent {
+fn record_event(ctx: &RequestCtx, action: Action, prepared: &Prepared) -> AuditEvent {
+    let write = &prepared.write;
     let mut event = AuditEvent::new(
         ctx.request_id.to_string(),
         ctx.actor(),
@@ -161,6 +207,10 @@ fn record_event(ctx: &RequestCtx, action: Action, write: &RecordWrite) -> AuditE
         content_hash: Some(hex::encode(write.content_hash)),
     });
     event.patient = write.nhs_number.clone();
+    if let Some((version, rules)) = &prepared.policy {
+        event.policy_version = Some(version.clone());
+        event.rule_ids = rules.clone();
+    }
     event
 }
 
@@ -335,8 +385,8 @@ pub(crate) async fn create(
         hex::encode(sha256(&resource.canonical_bytes()))
     );
     let id = uuid::Uuid::new_v4().to_string();
-    let prepared = prepare(resource, &id, mode);
-    let event = record_event(&ctx, Action::Create, &prepared.write);
+    let prepared = prepare(&state, &caller.partner.id, resource, &id, mode);
+    let event = record_event(&ctx, Action::Create, &prepared);
     let submission = Submission {
         partner: caller.partner.id.clone(),
         idempotency_key: idempotency_key(&ctx, "POST", resource_type.as_str(), Some(content_key)),
@@ -344,6 +394,7 @@ pub(crate) async fn create(
         audit: vec![event],
     };
     let receipt = state.store.submit(submission).await?;
+    learn(&state, &caller.partner.id, [&prepared.resource]);
     let entry = single_receipt(&receipt)?;
     Ok(resource_response(
         &state,
@@ -391,8 +442,14 @@ pub(crate) async fn update(
         }));
     }
     ctx.set_patient(resource.nhs_number().map(|n| n.as_str()));
-    let prepared = prepare(resource, &id, WriteMode::Update { if_match });
-    let event = record_event(&ctx, Action::Update, &prepared.write);
+    let prepared = prepare(
+        &state,
+        &caller.partner.id,
+        resource,
+        &id,
+        WriteMode::Update { if_match },
+    );
+    let event = record_event(&ctx, Action::Update, &prepared);
     let path = format!("{resource_type}/{id}");
     let submission = Submission {
         partner: caller.partner.id.clone(),
@@ -401,6 +458,7 @@ pub(crate) async fn update(
         audit: vec![event],
     };
     let receipt = state.store.submit(submission).await?;
+    learn(&state, &caller.partner.id, [&prepared.resource]);
     let entry = single_receipt(&receipt)?;
     Ok(resource_response(
         &state,
@@ -509,8 +567,8 @@ pub(crate) async fn submit_bundle(
                 hex::encode(sha256(&resource.canonical_bytes()))
             );
             let id = uuid::Uuid::new_v4().to_string();
-            let prepared = prepare(resource, &id, WriteMode::Create);
-            let event = record_event(&ctx, Action::Create, &prepared.write);
+            let prepared = prepare(&state, &caller.partner.id, resource, &id, WriteMode::Create);
+            let event = record_event(&ctx, Action::Create, &prepared);
             let submission = Submission {
                 partner: caller.partner.id.clone(),
                 idempotency_key: idempotency_key(&ctx, "POST", "", Some(content_key)),
@@ -518,6 +576,7 @@ pub(crate) async fn submit_bundle(
                 audit: vec![event],
             };
             let receipt = state.store.submit(submission).await?;
+            learn(&state, &caller.partner.id, [&prepared.resource]);
             let entry = single_receipt(&receipt)?;
             Ok(resource_response(
                 &state,
@@ -590,8 +649,8 @@ async fn transaction(
         } else {
             Action::Create
         };
-        let p = prepare(resource, &id, mode);
-        audit.push(record_event(ctx, action, &p.write));
+        let p = prepare(state, &caller.partner.id, resource, &id, mode);
+        audit.push(record_event(ctx, action, &p));
         prepared.push(p);
     }
     let mut request_event = ctx.audit_event(200);
@@ -613,6 +672,11 @@ async fn transaction(
         audit,
     };
     let receipt = state.store.submit(submission).await?;
+    learn(
+        state,
+        &caller.partner.id,
+        prepared.iter().map(|p| &p.resource),
+    );
     let entries: Vec<Value> = receipt
         .entries
         .iter()
@@ -686,8 +750,8 @@ async fn batch(
                 } else {
                     Action::Create
                 };
-                let p = prepare(resource, &id, mode);
-                let event = record_event(ctx, action, &p.write);
+                let p = prepare(state, &caller.partner.id, resource, &id, mode);
+                let event = record_event(ctx, action, &p);
                 let key = if ctx.client_request_id {
                     Some(format!("POST batch rid:{}#{index}", ctx.request_id))
                 } else {
@@ -700,17 +764,22 @@ async fn batch(
                     audit: vec![event],
                 };
                 let store = state.store.clone();
+                let resource = p.resource;
                 pending.push((
                     index,
+                    resource,
                     tokio::spawn(async move { store.submit(submission).await }),
                 ));
             }
         }
     }
-    for (index, handle) in pending {
+    for (index, resource, handle) in pending {
         slots[index] = Some(match handle.await {
             Ok(Ok(receipt)) => match receipt.entries.first() {
-                Some(entry) => json!({ "response": entry_response(entry) }),
+                Some(entry) => {
+                    learn(state, &caller.partner.id, [&resource]);
+                    json!({ "response": entry_response(entry) })
+                }
                 None => failed_entry(&ApiError::Internal),
             },
             Ok(Err(error)) => failed_entry(&ApiError::from(error)),

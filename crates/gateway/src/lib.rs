@@ -17,6 +17,7 @@ pub mod context;
 pub mod deliveries_api;
 pub mod error;
 pub mod fhir_api;
+pub mod policy_stage;
 pub mod runtime;
 pub mod server;
 pub mod tls;

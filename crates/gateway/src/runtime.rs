@@ -33,6 +33,8 @@ pub enum StartError {
     Partners(String),
     #[error("token signing key {path}: {reason}")]
     SigningKey { path: String, reason: String },
+    #[error("{0}")]
+    Policy(String),
     #[error("audit signing key {path}: {reason}")]
     AuditKey { path: String, reason: String },
     #[error("cannot listen on {addr}: {reason}")]
@@ -144,6 +146,26 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     file.write_all(contents.as_bytes())
 }
 
+/// Reload the policy bundle and opt-out lists on SIGHUP; a bundle that fails validation is
+/// refused with a clear log line and the previous one stays in force.
+fn spawn_reload_on_sighup(stage: Arc<crate::policy_stage::PolicyStage>) {
+    tokio::spawn(async move {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; policy reload needs a restart");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            match stage.reload() {
+                Ok(version) => tracing::info!(%version, "policy reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "policy reload refused; the previous bundle stays in force")
+                }
+            }
+        }
+    });
+}
+
 /// Run the gateway until `shutdown` resolves. `on_ready` is called once it is accepting.
 pub async fn run(
     config: Config,
@@ -230,7 +252,34 @@ pub async fn run(
         .iter()
         .map(|p| (p.id.clone(), Arc::new(p.clone())))
         .collect();
+    // The decide stage (issue 3): bundle, opt-out lists, and the consent registry rebuilt from
+    // the committed log; hot-reloaded on SIGHUP.
+    let policy =
+        match crate::policy_stage::PolicyStage::load(&config, Arc::new(validator_for(&config)?))
+            .map_err(|e| StartError::Policy(e.to_string()))?
+        {
+            Some(stage) => {
+                let stage = Arc::new(stage);
+                let learned = stage
+                    .replay(&*store)
+                    .await
+                    .map_err(|e| StartError::Policy(e.to_string()))?;
+                tracing::info!(
+                    records = learned,
+                    "consent state rebuilt from the committed log"
+                );
+                spawn_reload_on_sighup(Arc::clone(&stage));
+                Some(stage)
+            }
+            None => {
+                tracing::warn!(
+                    "no [policy] configured: records are stored but delivered to no one"
+                );
+                None
+            }
+        };
     let state = Arc::new(AppState {
+        policy: policy.clone(),
         validator,
         store: store.clone(),
         authority,
@@ -286,8 +335,10 @@ pub async fn run(
     // Delivery stops when the partner listener is told to stop; anything in flight is sent again
     // (same idempotency key) after the next start.
     let (app, shutdown) = {
-        let policy: Arc<dyn caregate_deliver::DeliveryPolicy> =
-            Arc::new(caregate_deliver::StoredDecisionPolicy::new());
+        let policy: Arc<dyn caregate_deliver::DeliveryPolicy> = match &policy {
+            Some(stage) => Arc::new(crate::policy_stage::SharedPolicy(Arc::clone(stage))),
+            None => Arc::new(caregate_deliver::StoredDecisionPolicy::new()),
+        };
         let store: Arc<dyn caregate_store::Store> = store.clone();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         caregate_deliver::spawn(
@@ -308,7 +359,11 @@ pub async fn run(
         (router(state).layer(axum::Extension(inbox)), shutdown)
     };
     // Pseudonymised feeds (issue 5): Bulk Data $export when [feeds] is configured.
-    let app = crate::bulk_export::attach(app, &config).map_err(StartError::Partners)?;
+    let feed_policy: Option<Arc<dyn caregate_feeds::FeedPolicy>> = policy
+        .as_ref()
+        .map(|stage| Arc::new(crate::policy_stage::SharedPolicy(Arc::clone(stage))) as _);
+    let app =
+        crate::bulk_export::attach(app, &config, feed_policy).map_err(StartError::Partners)?;
     let started = Started {
         local_addr,
         base_url,
