@@ -842,14 +842,14 @@ jwks = { keys = [] }
         let shown = err.to_string();
         assert!(shown.starts_with("/etc/caregate/caregate.toml:"), "{shown}");
         assert!(shown.contains("unknown field `scope`"), "{shown}");
-        assert_eq!(err.line, Some(13), "{shown}");
+        assert_eq!(err.line, Some(11), "{shown}");
     }
 
     #[test]
     fn ods_invalid_partner_code_names_the_field() {
         let err = parse(&MINIMAL.replace("A81001\"", "A8-1001\"")).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("partner[0].ods_code"));
-        assert_eq!(err.line, Some(10));
+        assert_eq!(err.line, Some(9));
     }
 
     #[test]
