@@ -3,7 +3,10 @@
 //! discharge summary, another GP does not (`LR-1`), and a sexual-health record is withheld from
 //! everyone the sensitive rule does not allow (`SENS-1`).
 
-#![allow(clippy::unwrap_used, reason = "test helpers: a failure is a broken test set-up")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failure is a broken test set-up"
+)]
 
 use std::time::Duration;
 
