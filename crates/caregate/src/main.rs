@@ -229,19 +229,23 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     init_logging();
     let config = Config::load(config_path)?;
     runtime()?.block_on(async move {
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(error) => {
-                        tracing::error!(%error, "cannot listen for SIGTERM");
-                        std::future::pending::<()>().await;
-                        return;
-                    }
-                };
+        // Listen for SIGTERM and SIGINT before anything is served, so a signal right after the
+        // ready line is a graceful stop, never the default (immediate) termination.
+        use tokio::signal::unix::{SignalKind, signal};
+        let signals =
+            signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        let shutdown = async move {
+            let (mut term, mut interrupt) = match signals {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM/SIGINT");
+                    std::future::pending::<()>().await;
+                    return;
+                }
+            };
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+                _ = interrupt.recv() => tracing::info!("interrupt received"),
             }
         };
         caregate_gateway::runtime::run(config, shutdown, |started| {
