@@ -249,6 +249,11 @@ impl Gateway {
         self.child = Some(child);
     }
 
+    /// The gateway process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL the process and reap it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -154,3 +154,81 @@ fn the_shipped_example_config_is_valid() {
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
 }
+
+#[test]
+fn policy_check_and_test_pass_on_the_shipped_bundle_and_name_a_broken_file() {
+    let policies = workspace_root().join("policies");
+    let (code, stdout, stderr) = run(&["policy", "check", "--dir", policies.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("version: sha256:"), "{stdout}");
+    let (code, stdout, _) = run(&["policy", "test", "--dir", policies.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.trim_end().ends_with("passed, 0 failed"), "{stdout}");
+
+    let broken = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", policies.display()))
+        .arg(broken.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cedar = broken.path().join("20-direct-care.cedar");
+    let text = std::fs::read_to_string(&cedar).unwrap();
+    std::fs::write(&cedar, text.replacen("principal", "princpal", 1)).unwrap();
+    let (code, _, stderr) = run(&["policy", "check", "--dir", broken.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("20-direct-care.cedar:"),
+        "names the file and line: {stderr}"
+    );
+}
+
+#[test]
+fn ndoo_5_load_ndoo_installs_a_valid_list_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("caregate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[policy]\ndir = \"{}\"\nndoo_list = \"ndoo.txt\"\n",
+            workspace_root().join("policies").display()
+        ),
+    )
+    .unwrap();
+    let good = dir.path().join("received.txt");
+    std::fs::write(&good, "9434765919\n4000000004\n").unwrap();
+    let (code, stdout, stderr) = run(&[
+        "consent",
+        "load-ndoo",
+        good.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("installed 2 NHS numbers"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ndoo.txt")).unwrap(),
+        "9434765919\n4000000004\n"
+    );
+
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "9434765919\n9434765918\n").unwrap();
+    let (code, _, stderr) = run(&[
+        "consent",
+        "load-ndoo",
+        bad.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        !stderr.contains("9434765918"),
+        "the NHS number is not echoed: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ndoo.txt")).unwrap(),
+        "9434765919\n4000000004\n",
+        "the installed list is unchanged"
+    );
+}

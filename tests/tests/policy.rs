@@ -169,3 +169,92 @@ async fn sens_1_sensitive_record_is_withheld_from_the_care_team_trust() {
         "SENS-1: the sensitive record is withheld from the trust"
     );
 }
+
+/// Hot reload: a bundle that fails validation is refused on SIGHUP and the previous one stays in
+/// force (decisions keep its version); a valid change is taken on the next SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reload_refuses_a_broken_bundle_and_takes_a_valid_one() {
+    let bundle = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(workspace_root().join("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, bundle.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let codes = bundle.path().join("sensitive-codes");
+    std::fs::create_dir(&codes).unwrap();
+    for entry in std::fs::read_dir(workspace_root().join("policies/sensitive-codes")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, codes.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut gw = Gateway::start_configured(Options {
+        partners: default_partners(),
+        extra_toml: format!("[policy]\ndir = \"{}\"\n", bundle.path().display()),
+        ..Options::default()
+    });
+    let hup = |gw: &Gateway| {
+        let pid = gw.pid().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let trust = gw.token("trust-rx1").await;
+    let submit = |n: u32| {
+        let mut obs = record("observation-bp.json");
+        obs["valueQuantity"] = json!({"value": 100 + n, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"});
+        obs
+    };
+    assert_eq!(
+        gw.post("/fhir/Observation", &trust, &submit(1))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    // Break a policy file: refused, the old bundle decides the next record.
+    let cedar = bundle.path().join("20-direct-care.cedar");
+    let good = std::fs::read_to_string(&cedar).unwrap();
+    std::fs::write(&cedar, good.replacen("principal", "princpal", 1)).unwrap();
+    hup(&gw);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gw.post("/fhir/Observation", &trust, &submit(2))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    // A valid change (a comment) is a new version.
+    std::fs::write(&cedar, format!("{good}\n// reviewed by the ICS IG group\n")).unwrap();
+    hup(&gw);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let created = gw.post("/fhir/Observation", &trust, &submit(3)).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert!(gw.terminate().await);
+    let store =
+        caregate_store::sqlite::SqliteStore::open(&gw.data_dir(), Default::default()).unwrap();
+    use caregate_store::Store as _;
+    let versions: Vec<String> = store
+        .read_audit(0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.action == caregate_audit::Action::Create)
+        .filter_map(|e| e.event.policy_version)
+        .collect();
+    store.close().await.unwrap();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    assert_eq!(
+        versions[0], versions[1],
+        "the broken bundle was refused: the old version decided"
+    );
+    assert_ne!(
+        versions[0],
+        *versions.last().unwrap(),
+        "the valid change was taken"
+    );
+}

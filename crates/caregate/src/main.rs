@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod audit_cli;
 mod deliveries_cli;
 mod feeds_cli;
+mod policy_cli;
 
 /// caregate — a FHIR R4 gateway that lets GP practices, trusts, pharmacies and councils in an
 /// Integrated Care System share care records safely: authenticated, validated, durable, audited.
@@ -74,6 +75,16 @@ enum Command {
         /// Print only the access token (for shell use: TOKEN=$(caregate token ... --raw)).
         #[arg(long)]
         raw: bool,
+    },
+    /// The consent/IG policy bundle: check it, run its tests, explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cli::PolicyCommand,
+    },
+    /// Consent state: install a new National Data Opt-out list.
+    Consent {
+        #[command(subcommand)]
+        command: policy_cli::ConsentCommand,
     },
     /// Audit log checks for IG officers: verify the tamper evidence offline, export a checkpoint.
     Audit {
@@ -196,6 +207,8 @@ fn main() -> ExitCode {
         ),
         Command::Bench(args) => bench::run(args),
         Command::Audit { command } => audit_cli::run(command),
+        Command::Policy { command } => policy_cli::run_policy(command),
+        Command::Consent { command } => policy_cli::run_consent(command),
         Command::Keys { command } => feeds_cli::keys(command),
         Command::Feed { command } => feeds_cli::feed(command),
         Command::IgPassword => audit_cli::ig_password(),
