@@ -258,3 +258,91 @@ async fn policy_reload_refuses_a_broken_bundle_and_takes_a_valid_one() {
         "the valid change was taken"
     );
 }
+
+/// `IGQ`: the subject-access report lists exactly the organisations that received the patient's
+/// records — here the registered GP, which pulled them from its inbox — and not the GP that
+/// received nothing, nor the trust that only sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn igq_subject_access_report_lists_exactly_the_recipients() {
+    let mut gw = gateway();
+    let trust = gw.token("trust-rx1").await;
+    gw.post(
+        "/fhir/Patient",
+        &trust,
+        &record("patient-registration.json"),
+    )
+    .await;
+    gw.post(
+        "/fhir/DocumentReference",
+        &trust,
+        &record("discharge-summary.json"),
+    )
+    .await;
+    assert_eq!(inbox(&gw, "gp-a81001", 2).await.len(), 2);
+    assert!(inbox(&gw, "gp-b82002", 0).await.is_empty());
+    // The GP acknowledges the page: from then on the records count as delivered to it.
+    let gp = gw.token("gp-a81001").await;
+    let page = gw
+        .send(Method::GET, "/fhir/$inbox?_count=50", Some(&gp), None, &[])
+        .await;
+    let next = page.body["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .and_then(|l| l["url"].as_str())
+        .unwrap()
+        .to_owned();
+    let cursor = next
+        .split("cursor=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned();
+    let ack = gw
+        .send(
+            Method::POST,
+            &format!("/fhir/$inbox/ack?cursor={cursor}"),
+            Some(&gp),
+            None,
+            &[],
+        )
+        .await;
+    assert!(ack.status.is_success(), "{}", ack.body);
+    assert!(gw.terminate().await);
+    let output = std::process::Command::new(caregate_e2e::binary())
+        .args([
+            "audit",
+            "sar",
+            "--format",
+            "json",
+            "--patient",
+            "9434765919",
+            "--data",
+        ])
+        .arg(gw.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let recipients: Vec<&str> = report["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["organisation"].as_str())
+        .collect();
+    assert_eq!(recipients, vec!["gp-a81001"], "{report}");
+    let sources: Vec<&str> = report["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["organisation"].as_str())
+        .collect();
+    assert_eq!(sources, vec!["trust-rx1"], "{report}");
+}
