@@ -246,8 +246,24 @@ async fn policy_reload_refuses_a_broken_bundle_and_takes_a_valid_one() {
         .filter(|e| e.event.action == caregate_audit::Action::Create)
         .filter_map(|e| e.event.policy_version)
         .collect();
+    let reloads: Vec<caregate_audit::Outcome> = store
+        .read_audit(0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.action == caregate_audit::Action::PolicyReload)
+        .map(|e| e.event.outcome)
+        .collect();
     store.close().await.unwrap();
     assert_eq!(versions.len(), 3, "{versions:?}");
+    assert_eq!(
+        reloads,
+        vec![
+            caregate_audit::Outcome::Failed,
+            caregate_audit::Outcome::Success
+        ],
+        "both reload attempts are audited"
+    );
     assert_eq!(
         versions[0], versions[1],
         "the broken bundle was refused: the old version decided"

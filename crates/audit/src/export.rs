@@ -178,7 +178,7 @@ fn classify(action: Action) -> (Value, Option<Value>, &'static str) {
         Action::Review => (coding(DCM, "110101", "Audit Log Used"), None, "U"),
         // Delivery (issue 4): data leaving the gateway for a partner, or held back.
         Action::Deliver | Action::Withhold => (coding(DCM, "110106", "Export"), None, "E"),
-        Action::DeliveryReplay => (rest(), None, "E"),
+        Action::DeliveryReplay | Action::PolicyReload => (rest(), None, "E"),
     }
 }
 

@@ -74,6 +74,8 @@ pub enum Action {
     Withhold,
     /// An operator put dead letters back in the delivery queue.
     DeliveryReplay,
+    /// The consent/IG policy bundle was reloaded (or a reload was refused).
+    PolicyReload,
 }
 
 /// How it ended.

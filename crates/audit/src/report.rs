@@ -71,7 +71,8 @@ impl Activity {
             | Action::Metadata
             | Action::Request
             | Action::Withhold
-            | Action::DeliveryReplay => Self::Other,
+            | Action::DeliveryReplay
+            | Action::PolicyReload => Self::Other,
         }
     }
 

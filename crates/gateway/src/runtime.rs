@@ -148,7 +148,10 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
 
 /// Reload the policy bundle and opt-out lists on SIGHUP; a bundle that fails validation is
 /// refused with a clear log line and the previous one stays in force.
-fn spawn_reload_on_sighup(stage: Arc<crate::policy_stage::PolicyStage>) {
+fn spawn_reload_on_sighup(
+    stage: Arc<crate::policy_stage::PolicyStage>,
+    store: Arc<dyn caregate_store::Store>,
+) {
     tokio::spawn(async move {
         let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
@@ -156,11 +159,44 @@ fn spawn_reload_on_sighup(stage: Arc<crate::policy_stage::PolicyStage>) {
             return;
         };
         while hangup.recv().await.is_some() {
-            match stage.reload() {
-                Ok(version) => tracing::info!(%version, "policy reloaded"),
-                Err(error) => {
-                    tracing::error!(%error, "policy reload refused; the previous bundle stays in force")
+            let (outcome, version, detail) = match stage.reload() {
+                Ok(version) => {
+                    tracing::info!(%version, "policy reloaded");
+                    (
+                        caregate_audit::Outcome::Success,
+                        version,
+                        "policy bundle reloaded".to_owned(),
+                    )
                 }
+                Err(error) => {
+                    tracing::error!(%error, "policy reload refused; the previous bundle stays in force");
+                    (
+                        caregate_audit::Outcome::Failed,
+                        stage.version(),
+                        format!("reload refused: {error}"),
+                    )
+                }
+            };
+            // Every policy reload is an audited administrative action (issue 6).
+            let mut event = caregate_audit::AuditEvent::new(
+                uuid::Uuid::new_v4().to_string(),
+                caregate_audit::Actor {
+                    client_id: Some("operator/SIGHUP".to_owned()),
+                    ..Default::default()
+                },
+                caregate_audit::Action::PolicyReload,
+                outcome,
+            );
+            event.policy_version = Some(version);
+            event.detail = Some(detail.chars().take(500).collect());
+            let submission = caregate_store::Submission {
+                partner: String::new(),
+                idempotency_key: None,
+                records: Vec::new(),
+                audit: vec![event],
+            };
+            if let Err(error) = store.submit(submission).await {
+                tracing::error!(%error, "the policy reload could not be audited");
             }
         }
     });
@@ -268,7 +304,7 @@ pub async fn run(
                     records = learned,
                     "consent state rebuilt from the committed log"
                 );
-                spawn_reload_on_sighup(Arc::clone(&stage));
+                spawn_reload_on_sighup(Arc::clone(&stage), store.clone());
                 Some(stage)
             }
             None => {
