@@ -172,3 +172,32 @@ async fn tampered_tree_state_stops_the_store_from_opening() {
     let error = SqliteStore::open(dir.path(), options(&signer)).unwrap_err();
     assert!(error.to_string().contains("audit"), "{error}");
 }
+
+#[tokio::test]
+async fn t1_reordered_events_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = signer();
+    write_events(dir.path(), &signer, 8).await;
+    // Swap two events' contents (and their recorded leaves) directly in the file.
+    sql(
+        dir.path(),
+        "CREATE TEMP TABLE swap AS SELECT seq, event, leaf_hash, request_id FROM audit_events WHERE seq IN (3, 4);
+         UPDATE audit_events SET
+           event = (SELECT event FROM swap WHERE swap.seq = 7 - audit_events.seq),
+           leaf_hash = (SELECT leaf_hash FROM swap WHERE swap.seq = 7 - audit_events.seq),
+           request_id = (SELECT request_id FROM swap WHERE swap.seq = 7 - audit_events.seq)
+         WHERE seq IN (3, 4);",
+    );
+    let result = verify_audit(dir.path(), &signer.verifier(), &[]).unwrap();
+    assert!(!result.is_ok(), "{result:?}");
+    // The exact event is named (recorded leaves), and the signed checkpoint over 1..=6 no
+    // longer matches (it names the range from the last good checkpoint).
+    assert!(
+        result
+            .report
+            .findings
+            .contains(&caregate_audit::verify::Finding::LeafMismatch { seq: 3 }),
+        "{result:?}"
+    );
+    assert!(result.report.first_bad_seq.is_some_and(|seq| seq <= 3));
+}
