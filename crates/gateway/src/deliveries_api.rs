@@ -223,7 +223,46 @@ async fn inbox_page(
         "link": links,
         "entry": entries,
     });
-    Ok(fhir_response(StatusCode::OK, &bundle))
+    // Every record disclosed in the page is an access to that patient's record: one audit event
+    // each, with the request's own event, committed before the page leaves (no unaudited
+    // disclosure; the acknowledgement later records the delivery).
+    let mut audit: Vec<caregate_audit::AuditEvent> = page
+        .entries
+        .iter()
+        .map(|entry| {
+            let mut event = caregate_audit::AuditEvent::new(
+                ctx.request_id.to_string(),
+                ctx.actor(),
+                Action::Read,
+                caregate_audit::Outcome::Success,
+            );
+            event.entity = Some(caregate_audit::Entity {
+                resource_type: entry.resource_type.clone(),
+                id: entry.id.clone(),
+                version_id: Some(entry.version_id),
+                content_hash: Some(hex::encode(entry.content_hash)),
+            });
+            event.patient = entry.nhs_number.clone();
+            event.detail = Some(format!(
+                "served in an inbox page; submitted by {}",
+                entry.partner
+            ));
+            event
+        })
+        .collect();
+    audit.push(ctx.audit_event(200));
+    state
+        .store
+        .submit(caregate_store::Submission {
+            partner: caller.partner.id.clone(),
+            idempotency_key: None,
+            records: Vec::new(),
+            audit,
+        })
+        .await?;
+    let mut response = fhir_response(StatusCode::OK, &bundle);
+    response.extensions_mut().insert(crate::context::Audited);
+    Ok(response)
 }
 
 async fn inbox_ack(
