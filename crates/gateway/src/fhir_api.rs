@@ -191,6 +191,48 @@ fn learn<'a>(
     }
 }
 
+/// A create ignores any client id and server `meta`; what is left keys retries of the same
+/// create when the client sends no `X-Request-Id`.
+fn create_content_key(resource: &mut ValidatedResource) -> String {
+    resource.clear_id();
+    resource.clear_server_meta();
+    format!(
+        "POST {} sha256:{}",
+        resource.resource_type(),
+        hex::encode(sha256(&resource.canonical_bytes()))
+    )
+}
+
+/// Commit one prepared record with its audit event, let the consent registry learn from it, and
+/// answer as FHIR asks for a single-resource write.
+async fn commit_one(
+    state: &AppState,
+    ctx: &RequestCtx,
+    caller: &Caller,
+    headers: &HeaderMap,
+    prepared: Prepared,
+    action: Action,
+    idempotency_key: Option<String>,
+) -> Result<Response, ApiError> {
+    let event = record_event(ctx, action, &prepared);
+    let submission = Submission {
+        partner: caller.partner.id.clone(),
+        idempotency_key,
+        records: vec![prepared.write],
+        audit: vec![event],
+    };
+    let receipt = state.store.submit(submission).await?;
+    learn(state, &caller.partner.id, [&prepared.resource]);
+    let entry = single_receipt(&receipt)?;
+    Ok(resource_response(
+        state,
+        entry,
+        receipt.replayed,
+        prepared.resource,
+        prefer_return(headers),
+    ))
+}
+
 /// The audit event for one committed record, written in the same commit.
 fn record_event(ctx: &RequestCtx, action: Action, prepared: &Prepared) -> AuditEvent {
     let write = &prepared.write;
@@ -290,7 +332,7 @@ fn status_for(outcome: EntryOutcome) -> StatusCode {
 
 /// Render the response for one committed resource.
 fn resource_response(
-    state: &SharedState,
+    state: &AppState,
     receipt: &EntryReceipt,
     replayed: bool,
     mut resource: ValidatedResource,
@@ -377,32 +419,20 @@ pub(crate) async fn create(
         },
         None => WriteMode::Create,
     };
-    // A create ignores any client id; the content without it keys retries of the same create.
-    resource.clear_id();
-    resource.clear_server_meta();
-    let content_key = format!(
-        "POST {resource_type} sha256:{}",
-        hex::encode(sha256(&resource.canonical_bytes()))
-    );
+    let content_key = create_content_key(&mut resource);
     let id = uuid::Uuid::new_v4().to_string();
     let prepared = prepare(&state, &caller.partner.id, resource, &id, mode);
-    let event = record_event(&ctx, Action::Create, &prepared);
-    let submission = Submission {
-        partner: caller.partner.id.clone(),
-        idempotency_key: idempotency_key(&ctx, "POST", resource_type.as_str(), Some(content_key)),
-        records: vec![prepared.write],
-        audit: vec![event],
-    };
-    let receipt = state.store.submit(submission).await?;
-    learn(&state, &caller.partner.id, [&prepared.resource]);
-    let entry = single_receipt(&receipt)?;
-    Ok(resource_response(
+    let key = idempotency_key(&ctx, "POST", resource_type.as_str(), Some(content_key));
+    commit_one(
         &state,
-        entry,
-        receipt.replayed,
-        prepared.resource,
-        prefer_return(&headers),
-    ))
+        &ctx,
+        &caller,
+        &headers,
+        prepared,
+        Action::Create,
+        key,
+    )
+    .await
 }
 
 /// `PUT /fhir/{type}/{id}`: update (or create with a client-chosen id).
@@ -449,24 +479,17 @@ pub(crate) async fn update(
         &id,
         WriteMode::Update { if_match },
     );
-    let event = record_event(&ctx, Action::Update, &prepared);
-    let path = format!("{resource_type}/{id}");
-    let submission = Submission {
-        partner: caller.partner.id.clone(),
-        idempotency_key: idempotency_key(&ctx, "PUT", &path, None),
-        records: vec![prepared.write],
-        audit: vec![event],
-    };
-    let receipt = state.store.submit(submission).await?;
-    learn(&state, &caller.partner.id, [&prepared.resource]);
-    let entry = single_receipt(&receipt)?;
-    Ok(resource_response(
+    let key = idempotency_key(&ctx, "PUT", &format!("{resource_type}/{id}"), None);
+    commit_one(
         &state,
-        entry,
-        receipt.replayed,
-        prepared.resource,
-        prefer_return(&headers),
-    ))
+        &ctx,
+        &caller,
+        &headers,
+        prepared,
+        Action::Update,
+        key,
+    )
+    .await
 }
 
 /// `GET /fhir/{type}/{id}`: read back a record this partner submitted. Other partners' records
@@ -560,31 +583,20 @@ pub(crate) async fn submit_bundle(
             caller.require("Bundle", Interaction::Create)?;
             ctx.set_patient(resource.nhs_number().map(|n| n.as_str()));
             let mut resource = resource;
-            resource.clear_id();
-            resource.clear_server_meta();
-            let content_key = format!(
-                "POST Bundle sha256:{}",
-                hex::encode(sha256(&resource.canonical_bytes()))
-            );
+            let content_key = create_content_key(&mut resource);
             let id = uuid::Uuid::new_v4().to_string();
             let prepared = prepare(&state, &caller.partner.id, resource, &id, WriteMode::Create);
-            let event = record_event(&ctx, Action::Create, &prepared);
-            let submission = Submission {
-                partner: caller.partner.id.clone(),
-                idempotency_key: idempotency_key(&ctx, "POST", "", Some(content_key)),
-                records: vec![prepared.write],
-                audit: vec![event],
-            };
-            let receipt = state.store.submit(submission).await?;
-            learn(&state, &caller.partner.id, [&prepared.resource]);
-            let entry = single_receipt(&receipt)?;
-            Ok(resource_response(
+            let key = idempotency_key(&ctx, "POST", "", Some(content_key));
+            commit_one(
                 &state,
-                entry,
-                receipt.replayed,
-                prepared.resource,
-                prefer_return(&headers),
-            ))
+                &ctx,
+                &caller,
+                &headers,
+                prepared,
+                Action::Create,
+                key,
+            )
+            .await
         }
     }
 }
@@ -734,17 +746,8 @@ async fn batch(
         match outcome {
             Err(error) => slots[index] = Some(failed_entry(&error)),
             Ok((mut resource, id, mode)) => {
-                let content_key = if matches!(mode, WriteMode::Create) {
-                    resource.clear_id();
-                    resource.clear_server_meta();
-                    Some(format!(
-                        "POST {} sha256:{}",
-                        resource.resource_type(),
-                        hex::encode(sha256(&resource.canonical_bytes()))
-                    ))
-                } else {
-                    None
-                };
+                let content_key =
+                    matches!(mode, WriteMode::Create).then(|| create_content_key(&mut resource));
                 let action = if matches!(mode, WriteMode::Update { .. }) {
                     Action::Update
                 } else {
