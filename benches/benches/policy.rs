@@ -1,12 +1,20 @@
 //! The consent/IG decision for one typical record under the shipped bundle (issue 3's target:
 //! ≤ 20 µs median). Inputs: a blood-pressure Observation from the acute trust about a patient
 //! whose registered GP is known, and a Patient registration; the bundle is `policies/`.
+//!
+//! - `observation_from_trust`: `decide` as the gateway calls it. The record's situation (every
+//!   fact Cedar sees) repeats, so after the first iteration Cedar's answers come from the
+//!   bundle's memo: the cost of a record like ones decided recently.
+//! - `observation_from_trust_uncached`: `decide_uncached`, which always asks Cedar: the cost of
+//!   a situation not seen before (the memo's miss path).
 
 use std::path::Path;
 
 use caregate_fhir::Validator;
 use caregate_fhir::validate::{Validated, ValidatorConfig};
-use caregate_policy::{ConsentRegistry, PartnerId, PolicyBundle, RecordFacts, decide};
+use caregate_policy::{
+    ConsentRegistry, PartnerId, PolicyBundle, RecordFacts, decide, decide_uncached,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn load(validator: &Validator, path: &Path) -> caregate_fhir::ValidatedResource {
@@ -42,6 +50,12 @@ fn decision(c: &mut Criterion) {
         b.iter(|| {
             let facts = RecordFacts::from_resource(&observation, &trust);
             decide(&facts, &consent.view(facts.nhs_number()), &bundle, now)
+        })
+    });
+    group.bench_function("observation_from_trust_uncached", |b| {
+        b.iter(|| {
+            let facts = RecordFacts::from_resource(&observation, &trust);
+            decide_uncached(&facts, &consent.view(facts.nhs_number()), &bundle, now)
         })
     });
     group.finish();

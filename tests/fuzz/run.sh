@@ -22,7 +22,8 @@ seconds="${1:-20}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(fhir_intake strict_json nhs_number auth_assertion token_form)
+  targets=(fhir_intake strict_json nhs_number auth_assertion token_form policy_decide feed_transform
+    audit_verify)
 fi
 export RUSTC_BOOTSTRAP=1
 
@@ -30,8 +31,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "==> installing cargo-fuzz"
   cargo install cargo-fuzz --locked
 fi
-# Seed from ../shared/corpora once (no-op if absent; the committed seeds always exist).
-if ! compgen -G "corpus/fhir_intake/gen-*" >/dev/null; then
+# Seed from ../shared/corpora, policies/tests/records and `caregate synth` once (each source is
+# skipped if absent; the committed seeds always exist).
+if ! compgen -G "corpus/policy_decide/gen-*" >/dev/null; then
   bash "$here/seed.sh"
 fi
 

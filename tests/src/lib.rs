@@ -444,3 +444,57 @@ pub fn observation(nhs_number: &str, value: f64) -> Value {
         "valueQuantity": { "value": value, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]" }
     })
 }
+
+/// Commit `count` Observations from `gp-a81001` straight into a stopped gateway's store (`data`),
+/// alternating two patients, each with a stored decision routing it to `to` — what delivery
+/// reads when no `[policy]` is configured. Returns their log positions.
+pub async fn commit_routed_observations(
+    data: &std::path::Path,
+    count: u32,
+    to: &[&str],
+) -> Vec<caregate_store::Seq> {
+    use caregate_audit::{Action, Actor, AuditEvent, Outcome};
+    use caregate_store::sqlite::{SqliteOptions, SqliteStore};
+    use caregate_store::{RecordWrite, Store as _, Submission, WriteMode};
+    let store = SqliteStore::open(data, SqliteOptions::default()).expect("the store opens");
+    let mut seqs = Vec::new();
+    for n in 0..count {
+        let patient = ["9434765919", "9434765870"][n as usize % 2];
+        let content = serde_json::json!({
+            "resourceType": "Observation", "status": "final",
+            "subject": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": patient } },
+            "valueQuantity": { "value": n }
+        });
+        let decision = serde_json::json!({
+            "deliver_to": to.iter().map(|p| serde_json::json!({ "partner": p })).collect::<Vec<_>>()
+        });
+        let mut hash = [0u8; 32];
+        hash[..4].copy_from_slice(&n.to_be_bytes());
+        let receipt = store
+            .submit(Submission {
+                partner: "gp-a81001".into(),
+                idempotency_key: None,
+                records: vec![RecordWrite {
+                    resource_type: "Observation".into(),
+                    id: format!("obs-{n}"),
+                    mode: WriteMode::Create,
+                    content: content.to_string().into_bytes(),
+                    content_hash: hash,
+                    nhs_number: Some(patient.into()),
+                    identifiers: Vec::new(),
+                    decision: Some(decision.to_string().into_bytes()),
+                }],
+                audit: vec![AuditEvent::new(
+                    format!("seed-{n}"),
+                    Actor::default(),
+                    Action::Create,
+                    Outcome::Success,
+                )],
+            })
+            .await
+            .expect("the seed records commit");
+        seqs.push(receipt.entries[0].seq);
+    }
+    store.close().await.expect("the store closes");
+    seqs
+}

@@ -11,64 +11,15 @@
 )]
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
-use caregate_audit::{Action, Actor, AuditEvent, Outcome};
 use caregate_deliver::keys::idempotency_key;
 use caregate_e2e::{Gateway, Options, TestPartner, default_partners};
-use caregate_store::sqlite::{SqliteOptions, SqliteStore};
-use caregate_store::{RecordWrite, Store, Submission, WriteMode};
 use caregate_testkit::keys::PartnerKey;
 use caregate_testkit::partner_server::PartnerServer;
 use reqwest::{Method, StatusCode};
 
 const PATIENCE: Duration = Duration::from_secs(90);
-
-/// Commit `count` Observations from the GP, alternating two patients, routed to `to`.
-async fn commit_records(data: &Path, count: u32, to: &[&str]) -> Vec<i64> {
-    let store = SqliteStore::open(data, SqliteOptions::default()).unwrap();
-    let mut seqs = Vec::new();
-    for n in 0..count {
-        let patient = ["9434765919", "9434765870"][n as usize % 2];
-        let content = serde_json::json!({
-            "resourceType": "Observation", "status": "final",
-            "subject": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": patient } },
-            "valueQuantity": { "value": n }
-        });
-        let decision = serde_json::json!({
-            "deliver_to": to.iter().map(|p| serde_json::json!({ "partner": p })).collect::<Vec<_>>()
-        });
-        let mut hash = [0u8; 32];
-        hash[..4].copy_from_slice(&n.to_be_bytes());
-        let receipt = store
-            .submit(Submission {
-                partner: "gp-a81001".into(),
-                idempotency_key: None,
-                records: vec![RecordWrite {
-                    resource_type: "Observation".into(),
-                    id: format!("obs-{n}"),
-                    mode: WriteMode::Create,
-                    content: content.to_string().into_bytes(),
-                    content_hash: hash,
-                    nhs_number: Some(patient.into()),
-                    identifiers: Vec::new(),
-                    decision: Some(decision.to_string().into_bytes()),
-                }],
-                audit: vec![AuditEvent::new(
-                    format!("seed-{n}"),
-                    Actor::default(),
-                    Action::Create,
-                    Outcome::Success,
-                )],
-            })
-            .await
-            .unwrap();
-        seqs.push(receipt.entries[0].seq);
-    }
-    store.close().await.unwrap();
-    seqs
-}
 
 fn accepted_keys(server: &PartnerServer) -> BTreeSet<String> {
     server.accepted_keys().into_iter().collect()
@@ -90,7 +41,8 @@ async fn f5_gateway_sigkilled_mid_delivery_restarts_and_every_record_arrives() {
         ..Options::default()
     });
     gateway.kill();
-    let seqs = commit_records(&gateway.data_dir(), 200, &["trust-rx1"]).await;
+    let seqs =
+        caregate_e2e::commit_routed_observations(&gateway.data_dir(), 200, &["trust-rx1"]).await;
     let expected: BTreeSet<String> = seqs
         .iter()
         .map(|seq| idempotency_key(*seq, "trust-rx1"))
@@ -154,7 +106,7 @@ async fn inbox_pages_acknowledges_and_never_shows_another_partners_records() {
         ..Options::default()
     });
     gateway.kill();
-    commit_records(&gateway.data_dir(), 5, &["council-sc1"]).await;
+    caregate_e2e::commit_routed_observations(&gateway.data_dir(), 5, &["council-sc1"]).await;
     gateway.launch();
     let council = gateway.token("council-sc1").await;
     let trust = gateway.token("trust-rx1").await;

@@ -27,8 +27,12 @@ pub(crate) enum AuditCommand {
     /// altered, 0 if the log verifies.
     Verify {
         /// The data directory (or a copy of it).
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        data: Option<PathBuf>,
+        /// With `store.backend = "postgres"`: verify every instance's chain in the database the
+        /// config names (each under its log id `audit.log_id/<instance>`).
         #[arg(long)]
-        data: PathBuf,
+        config: Option<PathBuf>,
         /// The log's public key as `LOG_ID BASE64` (default: the data directory's
         /// audit-public-key.txt — pass the key from elsewhere when the directory is not trusted).
         #[arg(long)]
@@ -104,9 +108,16 @@ pub(crate) fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
         AuditCommand::Verify {
             data,
+            config,
             public_key,
             from,
-        } => verify(&data, public_key.as_deref(), &from),
+        } => match (data, config) {
+            (_, Some(config)) => {
+                crate::db_cli::verify_configured(&config, public_key.as_deref(), &from)
+            }
+            (Some(data), None) => verify(&data, public_key.as_deref(), &from),
+            (None, None) => bail!("pass --data DIR or --config FILE"),
+        },
         AuditCommand::Checkpoint { data } => checkpoint(&data),
         AuditCommand::Search {
             data,
@@ -374,8 +385,35 @@ fn verifier(data: &Path, public_key: Option<&str>) -> anyhow::Result<CheckpointV
         .map_err(|e| anyhow::anyhow!("public key: {e}"))
 }
 
+/// Verify the audit log in `data` with its own public key, for reports: whether it held, and a
+/// one-line summary (events, checkpoints, or the first bad sequence number).
+pub(crate) fn verify_quiet(data: &Path) -> anyhow::Result<(bool, String)> {
+    let verifier = verifier(data, None)?;
+    let result = verify_audit(data, &verifier, &[])?;
+    let report = &result.report;
+    let summary = if result.is_ok() {
+        format!(
+            "chain intact: {} events, root {}, {} signed checkpoints matched, events 1..={} attested",
+            report.events,
+            report.root.to_hex(),
+            report.checkpoints_matched,
+            report.attested_size
+        )
+    } else {
+        format!(
+            "{} findings; first bad sequence number {:?}; {} column mismatches",
+            report.findings_total, report.first_bad_seq, result.column_mismatches_total
+        )
+    };
+    Ok((result.is_ok(), summary))
+}
+
 #[allow(clippy::print_stdout, reason = "the report is the command's output")]
-fn verify(data: &Path, public_key: Option<&str>, from: &[PathBuf]) -> anyhow::Result<ExitCode> {
+pub(crate) fn verify(
+    data: &Path,
+    public_key: Option<&str>,
+    from: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
     let verifier = verifier(data, public_key)?;
     let mut witnessed = Vec::with_capacity(from.len());
     for path in from {

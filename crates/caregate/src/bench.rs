@@ -29,14 +29,13 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use caregate_testkit::keys::{KeyAlg, PartnerKey};
 use caregate_testkit::synth::{PARTNERS, SynthConfig, records};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
@@ -44,6 +43,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::launch::{GatewayProcess, LoadedConfig, PartnerCredentials};
 
 /// Options of `caregate bench`.
 #[derive(Debug, clap::Args)]
@@ -453,202 +454,57 @@ fn client_tls(ca_pem: &[u8], http2: bool) -> anyhow::Result<Arc<rustls::ClientCo
     Ok(Arc::new(config))
 }
 
-/// The gateway process this run started.
+/// The gateway process this run started, in its temporary directory.
 struct Started {
-    child: Child,
+    process: GatewayProcess,
     dir: tempfile::TempDir,
-    base_url: String,
-    cert_pem: Vec<u8>,
 }
 
 impl Started {
     fn pid(&self) -> String {
-        self.child.id().to_string()
+        self.process.pid()
     }
 
-    fn stop(mut self, keep: bool) -> Option<PathBuf> {
-        let pid = self.pid();
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self, keep: bool) -> Option<PathBuf> {
+        self.process.stop(Duration::from_secs(30));
         if keep { Some(self.dir.keep()) } else { None }
     }
 }
 
-/// Make relative paths in the config absolute against its directory (keys named `*_file`,
-/// `*_dir`, `*_path`, `cert`, `key`, `client_ca`), so the copy works from a temp dir.
-fn absolutise(value: &mut toml::Value, base: &Path) {
-    match value {
-        toml::Value::Table(table) => {
-            for (key, item) in table.iter_mut() {
-                let is_path = key.ends_with("_file")
-                    || key.ends_with("_dir")
-                    || key.ends_with("_path")
-                    || matches!(key.as_str(), "cert" | "key" | "client_ca" | "dir" | "path");
-                match item {
-                    toml::Value::String(s) if is_path && Path::new(s.as_str()).is_relative() => {
-                        *s = base.join(s.as_str()).display().to_string();
-                    }
-                    other => absolutise(other, base),
-                }
-            }
-        }
-        toml::Value::Array(items) => items.iter_mut().for_each(|item| absolutise(item, base)),
-        _ => {}
-    }
-}
-
-/// Start `caregate serve` on a loopback copy of `config`.
+/// Start `caregate serve` on a loopback copy of `config` in a temporary data directory.
 fn start_gateway(config: &Path) -> anyhow::Result<Started> {
-    use std::io::BufRead as _;
-    let text = std::fs::read_to_string(config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
-    let mut value: toml::Value =
-        toml::from_str(&text).with_context(|| format!("{} is not TOML", config.display()))?;
-    let base = config
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-        .canonicalize()
-        .context("cannot resolve the config's directory")?;
-    absolutise(&mut value, &base);
+    let mut loaded = LoadedConfig::load(config)?;
     let dir = tempfile::Builder::new()
         .prefix("caregate-bench-")
         .tempdir()
         .context("cannot create a temp dir")?;
-    let server = value
-        .as_table_mut()
-        .context("config is not a table")?
-        .entry("server")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    if let Some(server) = server.as_table_mut() {
-        server.insert("listen".into(), "127.0.0.1:0".into());
-        server.insert(
-            "data_dir".into(),
-            dir.path().join("data").display().to_string().into(),
-        );
-    }
+    let server = loaded.table_mut("server")?;
+    server.insert("listen".into(), "127.0.0.1:0".into());
+    server.insert(
+        "data_dir".into(),
+        dir.path().join("data").display().to_string().into(),
+    );
+    // The admin listener (on by default) gets a free port too, beside any running gateway.
+    loaded
+        .table_mut("admin")?
+        .insert("listen".into(), "127.0.0.1:0".into());
     let copy = dir.path().join("caregate.toml");
-    std::fs::write(&copy, toml::to_string(&value)?)?;
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let mut child = std::process::Command::new(exe)
-        .args(["serve", "--config"])
-        .arg(&copy)
-        .env("CAREGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("cannot start caregate serve")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let (mut base_url, mut cert) = (None, None);
-    for line in lines.by_ref() {
-        let line = line?;
-        if let Some(path) = line.strip_prefix("dev certificate (trust it in clients): ") {
-            cert = Some(PathBuf::from(path));
-        }
-        if let Some(url) = line.strip_prefix("caregate listening on ") {
-            base_url = Some(url.to_owned());
-            break;
-        }
-    }
-    // Keep draining so the gateway never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let Some(base_url) = base_url else {
-        let _ = child.kill();
-        bail!("the gateway exited before it listened (see its log above)");
-    };
-    let cert_pem = match cert {
-        Some(path) => {
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
-        }
-        None => bail!("the config names its own TLS certificate; use --url and --ca-cert"),
-    };
-    Ok(Started {
-        child,
-        dir,
-        base_url,
-        cert_pem,
-    })
+    loaded.write(&copy)?;
+    let process = GatewayProcess::spawn(&copy, "warn", None)?;
+    Ok(Started { process, dir })
 }
 
 /// Access tokens for [`PARTNERS`], in that order, signed with the demo keys beside the config.
 async fn tokens(config: &Path, base_url: &str, ca_pem: &[u8]) -> anyhow::Result<Vec<String>> {
-    let keys_dir = config.parent().unwrap_or(Path::new(".")).join("keys");
-    let text = std::fs::read_to_string(config)?;
-    let value: toml::Value = toml::from_str(&text)?;
-    let partners = value
-        .get("partner")
-        .and_then(toml::Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let loaded = LoadedConfig::load(config)?;
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(ca_pem)?])
         .build()?;
-    let token_url = format!("{}/auth/token", base_url.trim_end_matches('/'));
     let mut out = Vec::new();
     for partner in PARTNERS {
-        let entry = partners
-            .iter()
-            .find(|p| p.get("id").and_then(toml::Value::as_str) == Some(partner.id))
-            .with_context(|| format!("{}: no partner {}", config.display(), partner.id))?;
-        let scopes: Vec<&str> = entry
-            .get("scopes")
-            .and_then(toml::Value::as_array)
-            .map(|s| s.iter().filter_map(toml::Value::as_str).collect())
-            .unwrap_or_default();
-        let jwks_file = entry
-            .get("jwks_file")
-            .and_then(toml::Value::as_str)
-            .context("partner without jwks_file")?;
-        let jwks_path = config.parent().unwrap_or(Path::new(".")).join(jwks_file);
-        let jwks: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&jwks_path)
-                .with_context(|| format!("cannot read {}", jwks_path.display()))?,
-        )?;
-        let jwk = &jwks["keys"][0];
-        let kid = jwk["kid"].as_str().context("JWK without kid")?;
-        let alg = match jwk["alg"].as_str() {
-            Some("RS384") => KeyAlg::Rs384,
-            Some("ES384") => KeyAlg::Es384,
-            Some("ES256") => KeyAlg::Es256,
-            other => bail!("{}: unsupported key algorithm {other:?}", partner.id),
-        };
-        let key_path = keys_dir.join(format!("{}.key.pem", partner.id));
-        let pem = std::fs::read_to_string(&key_path)
-            .with_context(|| format!("cannot read {}", key_path.display()))?;
-        let key = PartnerKey::from_private_pem(kid, alg, &pem)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
-        let assertion = key.sign_assertion(partner.id, &token_url);
-        let response = client
-            .post(&token_url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                (
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                ),
-                ("client_assertion", assertion.as_str()),
-                ("scope", scopes.join(" ").as_str()),
-            ])
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {token_url}"))?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        let token = body["access_token"]
-            .as_str()
-            .with_context(|| format!("token for {} refused ({status}): {body}", partner.id))?;
-        out.push(token.to_owned());
+        let credentials = PartnerCredentials::load(&loaded, partner.id)
+            .with_context(|| format!("in {}", config.display()))?;
+        out.push(credentials.token(&client, base_url).await?);
     }
     Ok(out)
 }
@@ -790,8 +646,8 @@ async fn measure(
 ) -> anyhow::Result<ExitCode> {
     let (base_url, ca_pem, fsync_dir) = match (started, &args.url, &args.ca_cert) {
         (Some(started), _, _) => (
-            started.base_url.clone(),
-            started.cert_pem.clone(),
+            started.process.base_url.clone(),
+            started.process.cert_pem.clone(),
             started.dir.path().join("data"),
         ),
         (None, Some(url), Some(ca)) => (
@@ -1010,21 +866,5 @@ mod tests {
             let value: serde_json::Value = serde_json::from_slice(&body).expect("still JSON");
             assert!(value["identifier"].to_string().contains("\"X\""));
         }
-    }
-
-    #[test]
-    fn bench_absolutise_rewrites_only_relative_paths() {
-        let mut value: toml::Value = toml::from_str(
-            "[server]\ndata_dir = \"data\"\n[[partner]]\njwks_file = \"keys/a.json\"\nname = \"keys\"\n[tls]\ncert = \"/abs/c.pem\"\n",
-        )
-        .expect("toml");
-        absolutise(&mut value, Path::new("/cfg"));
-        assert_eq!(value["server"]["data_dir"].as_str(), Some("/cfg/data"));
-        assert_eq!(
-            value["partner"][0]["jwks_file"].as_str(),
-            Some("/cfg/keys/a.json")
-        );
-        assert_eq!(value["partner"][0]["name"].as_str(), Some("keys"));
-        assert_eq!(value["tls"]["cert"].as_str(), Some("/abs/c.pem"));
     }
 }

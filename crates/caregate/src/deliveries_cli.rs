@@ -1,9 +1,11 @@
 //! `caregate deliveries …`: operators' view of delivery to partners (issue 4), on a data directory.
 //!
 //! `status` and `dead-letters` only read. `replay` writes (and audits) through its own store
-//! writer, so run it with the gateway stopped; while the gateway runs, use the admin API
-//! (`POST /deliveries/replay`), which goes through the gateway's own writer — two processes
-//! appending to one audit chain would each hold a stale view of the Merkle tree.
+//! writer, so it runs only with the gateway stopped: it takes the data directory's lock
+//! (`caregate_gateway::runtime::lock_data_dir`, the one a running gateway holds) and refuses while
+//! a gateway holds it, pointing at the admin API (`POST /admin/deliveries/replay`), which goes
+//! through the gateway's own writer — two processes appending to one audit chain would each hold
+//! a stale view of the Merkle tree.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,8 +44,9 @@ pub(crate) enum DeliveriesCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead letters back in the queue: one by id, or all of a partner's. Run with the gateway
-    /// stopped (or use the admin API). Audited.
+    /// Put dead letters back in the queue: one by id, or all of a partner's. Audited. Refused
+    /// while a gateway runs on the data directory: use the admin API
+    /// (`POST /admin/deliveries/replay`) then.
     Replay {
         #[arg(long, default_value = "data")]
         data: PathBuf,
@@ -167,6 +170,30 @@ async fn dead_letters(
 
 #[allow(clippy::print_stdout, reason = "the count is the command's output")]
 async fn replay(data: &Path, selector: ReplaySelector) -> anyhow::Result<ExitCode> {
+    if !data.join(caregate_store::sqlite::DATABASE_FILE).exists() {
+        bail!("no caregate database in {}", data.display());
+    }
+    // Held until the replay is written and the store closed: a gateway starting meanwhile waits
+    // for nothing and refuses to start, rather than sharing the audit chain.
+    let _lock = match caregate_gateway::runtime::lock_data_dir(data) {
+        Ok(lock) => lock,
+        Err(caregate_gateway::runtime::LockError::InUse { holder, .. }) => {
+            let body = match &selector {
+                ReplaySelector::One(id) => format!("{{\"id\": {id}}}"),
+                ReplaySelector::Partner(partner) => format!("{{\"partner\": \"{partner}\"}}"),
+            };
+            bail!(
+                "{} is in use by a running gateway{holder}; nothing was replayed. \
+                 Replay through its admin API instead: POST /admin/deliveries/replay with {body} \
+                 on the admin listener ([admin] listen), as a signed-in IG officer or with the token \
+                 of a partner with the ig-officer role",
+                data.display()
+            );
+        }
+        Err(error) => {
+            return Err(error).context("cannot make sure no gateway is using the data directory");
+        }
+    };
     let store = open(data)?;
     let request_id = uuid::Uuid::new_v4().to_string();
     let operator = std::env::var("USER").unwrap_or_else(|_| "cli".to_owned());

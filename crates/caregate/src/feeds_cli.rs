@@ -81,6 +81,20 @@ pub(crate) enum FeedCommand {
         #[arg(long)]
         export: Option<String>,
     },
+    /// Publish a finished export (the newest, or --export ID) to NATS JetStream: one message per
+    /// NDJSON line on `caregate.feed.<FEED>.<ResourceType>`, then the manifest, each acknowledged
+    /// and deduplicated by message id (publishing again stores nothing twice).
+    Publish {
+        feed: String,
+        /// The data directory holding the export.
+        #[arg(long)]
+        data: PathBuf,
+        /// The NATS server URL, e.g. nats://127.0.0.1:4222.
+        #[arg(long)]
+        nats: String,
+        #[arg(long)]
+        export: Option<String>,
+    },
     /// Build an export of a feed from the committed log, offline (stop the gateway first).
     Export {
         feed: String,
@@ -145,17 +159,38 @@ pub(crate) fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
 pub(crate) fn feed(command: FeedCommand) -> anyhow::Result<ExitCode> {
     match command {
         FeedCommand::Report { feed, data, export } => {
-            let manifest = match export {
-                Some(id) if valid_export_id(&id) => {
-                    ExportManifest::load(&export_dir(&data, &feed, &id))
-                        .with_context(|| format!("no complete export {id} of {feed}"))?
-                }
-                Some(_) => bail!("an export id is 32 hexadecimal digits"),
-                None => latest_export(&data, &feed)?.with_context(|| {
-                    format!("{feed} has no complete export in {}", data.display())
-                })?,
-            };
+            let manifest = find_export(&data, &feed, export.as_deref())?;
             print!("{}", render_report(&manifest));
+            Ok(ExitCode::SUCCESS)
+        }
+        FeedCommand::Publish {
+            feed,
+            data,
+            nats,
+            export,
+        } => {
+            let manifest = find_export(&data, &feed, export.as_deref())?;
+            let directory = export_dir(&data, &feed, &manifest.export_id);
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(async {
+                    let sink = caregate_feeds::nats::NatsSink::connect(
+                        &nats,
+                        caregate_feeds::nats::SinkOptions::default(),
+                    )
+                    .await?;
+                    sink.publish_export(&directory, &manifest).await
+                })?;
+            println!(
+                "published export {} of {feed} (key version {}) to stream {}: {} messages stored, {} already there",
+                manifest.export_id,
+                manifest.key_version,
+                report.stream,
+                report.stored,
+                report.duplicates
+            );
             Ok(ExitCode::SUCCESS)
         }
         FeedCommand::Export {
@@ -251,4 +286,15 @@ fn export(
     );
     print!("{}", render_report(&manifest));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A feed's complete export: `export` by id, or the newest.
+fn find_export(data: &Path, feed: &str, export: Option<&str>) -> anyhow::Result<ExportManifest> {
+    match export {
+        Some(id) if valid_export_id(id) => ExportManifest::load(&export_dir(data, feed, id))
+            .with_context(|| format!("no complete export {id} of {feed}")),
+        Some(_) => bail!("an export id is 32 hexadecimal digits"),
+        None => latest_export(data, feed)?
+            .with_context(|| format!("{feed} has no complete export in {}", data.display())),
+    }
 }

@@ -1,6 +1,8 @@
 //! The `caregate` command: serve the gateway, validate FHIR files offline, get a token.
 
 mod bench;
+mod demo;
+mod launch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use caregate_testkit::keys::{KeyAlg, PartnerKey};
 use clap::{Parser, Subcommand};
 
 mod audit_cli;
+mod db_cli;
 mod deliveries_cli;
 mod feeds_cli;
 mod policy_cli;
@@ -28,6 +31,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A day in the example ICS, end to end: starts the gateway on the embedded store with the
+    /// shipped example config and policies, simulated push partners, inbox users and an analytics
+    /// consumer; replays a synthetic day; prints a report (accepted/refused, deliveries per
+    /// partner, withholdings by rule, feed release reports, audit verification). Exits 0 only if
+    /// every check held. `--data DIR` keeps the data directory for the other commands.
+    Demo(demo::DemoArgs),
     /// Serve the gateway over HTTPS with the given configuration file.
     ///
     /// Prints `caregate listening on <URL>` to standard output once it accepts connections.
@@ -85,6 +94,11 @@ enum Command {
     Consent {
         #[command(subcommand)]
         command: policy_cli::ConsentCommand,
+    },
+    /// The PostgreSQL store (`[store] backend = "postgres"`): `db migrate --config FILE`.
+    Db {
+        #[command(subcommand)]
+        command: db_cli::DbCommand,
     },
     /// Audit log checks for IG officers: verify the tamper evidence offline, export a checkpoint.
     Audit {
@@ -206,7 +220,9 @@ fn main() -> ExitCode {
             &format,
         ),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Audit { command } => audit_cli::run(command),
+        Command::Db { command } => db_cli::run(command),
         Command::Policy { command } => policy_cli::run_policy(command),
         Command::Consent { command } => policy_cli::run_consent(command),
         Command::Keys { command } => feeds_cli::keys(command),
@@ -222,13 +238,48 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logging and telemetry for `serve`: the log format from `[telemetry] log_format` (text, with
+/// colours only on a terminal, or JSON lines carrying trace and span ids), filtered by
+/// `CAREGATE_LOG`; the OpenTelemetry layers (request and stage spans, stage latency metrics)
+/// under their own filter, so `CAREGATE_LOG=warn` does not switch off traces or metrics.
+/// Returns the telemetry to shut down (flush) once the runtime has stopped.
+fn init_logging(
+    settings: &caregate_gateway::telemetry::TelemetrySettings,
+) -> anyhow::Result<caregate_gateway::telemetry::Telemetry> {
+    use caregate_gateway::telemetry::{JsonWithTrace, LogFormat, Telemetry};
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAREGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let telemetry = Telemetry::init(settings)?;
+    let json = JsonWithTrace::new();
+    let logs = match settings.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colours only on a terminal: a log redirected to a file stays plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(json.clone())
+            .with_filter(filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(telemetry.layers())
         .init();
+    json.bind_current();
+    if telemetry.exporting() {
+        tracing::info!(
+            service = %settings.service_name,
+            sampling_ratio = settings.sampling_ratio,
+            "exporting traces and metrics over OTLP/HTTP"
+        );
+    }
+    Ok(telemetry)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -239,9 +290,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
-    init_logging();
     let config = Config::load(config_path)?;
-    runtime()?.block_on(async move {
+    // Outside the runtime: the OTLP client is a blocking one on the exporter's own threads.
+    let telemetry = init_logging(&config.telemetry)?;
+    let served = runtime()?.block_on(async move {
         // Listen for SIGTERM and SIGINT before anything is served, so a signal right after the
         // ready line is a graceful stop, never the default (immediate) termination.
         use tokio::signal::unix::{SignalKind, signal};
@@ -274,7 +326,10 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             }
         })
         .await
-    })?;
+    });
+    // Flush what is queued for the collector (bounded by the export timeout).
+    telemetry.shutdown();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

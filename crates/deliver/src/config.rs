@@ -99,12 +99,20 @@ pub struct DeliveryConfig {
     pub poll_interval: Duration,
     /// Log entries the fan-out reader takes per commit.
     pub fanout_batch: usize,
+    /// After being told of new commits, the fan-out reader waits this long before routing, so one
+    /// of its commits carries the records of many intake commits instead of one each (the store
+    /// has one writer: every fan-out commit is an fsync intake cannot use). Zero: route at once.
+    pub fanout_coalesce: Duration,
     pub backoff: Backoff,
     pub breaker: BreakerConfig,
     /// Records older than this (since commit) become dead letters instead of being sent.
     /// Default 4 days: below MESH's 5-day expiry (DOMAIN.md B1), so operators see dead letters
     /// while the sender could still be told.
     pub max_age: Duration,
+    /// Attempts (transport failures, timeouts, 408, 429, 5xx) after which a record becomes a dead
+    /// letter although it is younger than `max_age`. `None` (the default): only age, or a
+    /// permanent rejection, makes a dead letter.
+    pub max_attempts: Option<u32>,
     /// Bytes of a partner's rejection kept with a dead letter.
     pub response_keep_bytes: usize,
     /// A claimed record is leased for its destination's timeout plus this margin (time to record
@@ -131,6 +139,7 @@ impl Default for DeliveryConfig {
         Self {
             poll_interval: Duration::from_millis(500),
             fanout_batch: 256,
+            fanout_coalesce: Duration::from_millis(20),
             backoff: Backoff {
                 base: Duration::from_secs(1),
                 cap: Duration::from_secs(300),
@@ -140,6 +149,7 @@ impl Default for DeliveryConfig {
                 open_for: Duration::from_secs(30),
             },
             max_age: Self::default_max_age(),
+            max_attempts: None,
             response_keep_bytes: 4096,
             lease_margin: Duration::from_secs(10),
         }

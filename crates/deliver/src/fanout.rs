@@ -2,6 +2,11 @@
 //! into one delivery row per destination its stored decision names (DESIGN.md "one log, many
 //! readers"). Rows and the cursor move in one commit, and row creation is idempotent on
 //! `(seq, partner)`, so a crash between any two steps neither loses nor duplicates a delivery.
+//!
+//! Several gateway instances sharing one PostgreSQL log each run a fan-out reader over the same
+//! cursor: the store only moves a cursor forward (`GREATEST`), and each step first catches up
+//! with the shared cursor, so an instance skips what another already routed instead of redoing
+//! it. Two instances routing the same batch at once both enqueue it; the rows are idempotent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +29,8 @@ pub(crate) struct Fanout {
     pub(crate) channels: HashMap<String, DeliveryChannel>,
     pub(crate) batch: usize,
     pub(crate) poll_interval: Duration,
+    /// Wait after a wake-up before routing, to batch many intake commits into one.
+    pub(crate) coalesce: Duration,
     /// Told about new work: push workers by partner.
     pub(crate) push_wake: HashMap<String, Arc<Notify>>,
     /// Woken by the gateway after commits (and by tests).
@@ -33,6 +40,11 @@ pub(crate) struct Fanout {
 impl Fanout {
     /// One step: route the next batch of log entries. Returns how many entries were read.
     pub(crate) async fn step(&self, cursor: &mut i64) -> Result<usize, caregate_store::StoreError> {
+        // Another instance may have routed further (cluster mode); never go back.
+        let shared = self.store.load_cursor(FANOUT_READER).await?;
+        if shared > *cursor {
+            *cursor = shared;
+        }
         let entries = self.store.read_log(*cursor, self.batch.max(1)).await?;
         let Some(last) = entries.last().map(|entry| entry.seq) else {
             return Ok(0);
@@ -97,7 +109,16 @@ impl Fanout {
                 }
             };
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    // More commits are likely on their way (under load one per fsync): let them
+                    // land, then route them all in one commit.
+                    if !self.coalesce.is_zero() {
+                        tokio::select! {
+                            () = tokio::time::sleep(self.coalesce) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    }
+                }
                 () = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
             }

@@ -111,9 +111,18 @@ impl Inbox {
                 .store
                 .inbox_page(partner, after, count - entries.len())
                 .await?;
+            let mut not_yet = false;
             for row in page.rows {
+                let recheck = self.policy.recheck(&row.entry, partner);
+                if recheck == Recheck::NotYet {
+                    // End the page before it: an acknowledgement covers everything up to its
+                    // cursor, so nothing after an unserved row may be served yet.
+                    not_yet = true;
+                    break;
+                }
                 after = row.entry.seq;
-                match self.policy.recheck(&row.entry, partner) {
+                match recheck {
+                    Recheck::NotYet => {}
                     Recheck::Allowed => entries.push(row.entry),
                     Recheck::Withheld { rule_id, reason } => {
                         let event = events::withheld(&row.entry, partner, &rule_id, &reason);
@@ -129,7 +138,7 @@ impl Inbox {
                     }
                 }
             }
-            if !page.more || entries.len() >= count {
+            if not_yet || !page.more || entries.len() >= count {
                 break;
             }
         }

@@ -65,13 +65,39 @@ impl DeliveryHandle {
         self.wake.notify_one();
     }
 
-    /// Stop every task and wait for them. Attempts in flight are abandoned; their rows stay
-    /// pending and are sent again (same idempotency key) after the next start.
+    /// Stop every task and wait for them: no new attempt starts, and the attempts in flight
+    /// finish and record their results (each bounded by its destination's timeout).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+
+    /// Stop every task and wait at most `grace` for the attempts in flight to finish and record
+    /// their results (graceful shutdown: the store must still be open meanwhile). What is still
+    /// running then is aborted: those rows stay pending under a lease and are sent again (same
+    /// idempotency key) after the next start. Returns whether everything finished in time.
+    pub async fn shutdown_within(self, grace: std::time::Duration) -> bool {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut drained = true;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                drained = false;
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        if drained {
+            tracing::info!("delivery stopped: every attempt in flight was recorded");
+        } else {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "delivery stopped: grace period over; unfinished attempts will be retried after restart"
+            );
+        }
+        drained
     }
 }
 
@@ -132,6 +158,7 @@ pub fn spawn(
         channels,
         batch: config.fanout_batch,
         poll_interval: config.poll_interval,
+        coalesce: config.fanout_coalesce,
         push_wake,
         wake: Arc::clone(&wake),
     };

@@ -52,8 +52,29 @@ pub async fn dead_letters(
         .await?)
 }
 
-/// Put dead letters back in the queue; audited as `delivery-replay` by `operator`. The delivery
-/// keeps its idempotency key, so a partner that did receive it drops the repeat.
+/// Whether `id` names a dead letter now (an operator's replay of anything else is refused).
+pub async fn is_dead_letter(store: &dyn Store, id: DeliveryId) -> Result<bool, DeliverError> {
+    let Some(after) = id.checked_sub(1) else {
+        return Ok(false);
+    };
+    Ok(store
+        .dead_letters(None, after, 1)
+        .await?
+        .first()
+        .is_some_and(|letter| letter.id == id))
+}
+
+/// What a replay does, in words for the audit event (no patient data: ids and partner ids).
+pub fn describe(selector: &ReplaySelector) -> String {
+    match selector {
+        ReplaySelector::One(id) => format!("replay dead letter {id}"),
+        ReplaySelector::Partner(partner) => format!("replay dead letters of {partner}"),
+    }
+}
+
+/// Put dead letters back in the queue; audited as `delivery-replay` by `operator` (the command
+/// line). The delivery keeps its idempotency key, so a partner that did receive it drops the
+/// repeat.
 pub async fn replay(
     store: &dyn Store,
     selector: ReplaySelector,
@@ -64,12 +85,25 @@ pub async fn replay(
         client_id: Some(operator.to_owned()),
         ..Actor::default()
     };
-    let mut event = AuditEvent::new(request_id, actor, Action::DeliveryReplay, Outcome::Success);
-    event.detail = Some(match &selector {
-        ReplaySelector::One(id) => format!("replay dead letter {id}"),
-        ReplaySelector::Partner(partner) => format!("replay dead letters of {partner}"),
-    });
-    if let ReplaySelector::Partner(partner) = &selector {
+    let event = AuditEvent::new(request_id, actor, Action::DeliveryReplay, Outcome::Success);
+    replay_audited(store, selector, event).await
+}
+
+/// Put dead letters back in the queue with `event` — the operator's request, e.g. an admin API
+/// call's own audit event — written in the same commit. The action becomes `delivery-replay`;
+/// a missing detail is filled with [`describe`]; a partner selector names the partner.
+pub async fn replay_audited(
+    store: &dyn Store,
+    selector: ReplaySelector,
+    mut event: AuditEvent,
+) -> Result<u64, DeliverError> {
+    event.action = Action::DeliveryReplay;
+    if event.detail.is_none() {
+        event.detail = Some(describe(&selector));
+    }
+    if let ReplaySelector::Partner(partner) = &selector
+        && event.actor.partner_id.is_none()
+    {
         event.actor.partner_id = Some(partner.clone());
     }
     Ok(store.replay_dead_letters(selector, event).await?)

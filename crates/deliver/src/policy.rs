@@ -21,6 +21,10 @@ pub enum Recheck {
         rule_id: String,
         reason: String,
     },
+    /// This instance cannot tell yet: its consent state has not caught up with the log as far as
+    /// this record (several instances on one database). Neither sent nor withheld; asked again
+    /// shortly, the row stays pending, so per-patient order holds.
+    NotYet,
 }
 
 /// What delivery needs from the policy. Implementations must be cheap and must not block for

@@ -33,6 +33,9 @@ use crate::keys::idempotency_key;
 use crate::policy::{DeliveryPolicy, Recheck};
 use crate::retry::{Breaker, Permit, random_unit};
 
+/// How long a row waits when the delivery-time check answered [`Recheck::NotYet`].
+const NOT_YET_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A push destination ready to run: its validated config and its HTTPS client.
 #[derive(Debug, Clone)]
 pub struct PushDestination {
@@ -69,9 +72,16 @@ impl PushDestination {
             builder = builder.tls_certs_only(certificates);
         }
         if let (Some(cert), Some(key)) = (&config.tls.client_cert, &config.tls.client_key) {
-            let mut pem = read(cert)?;
+            let cert_pem = read(cert)?;
+            let key_pem = read(key)?;
+            check_client_identity(&cert_pem, &key_pem).map_err(|reason| DeliverError::File {
+                partner: partner.clone(),
+                path: format!("{} / {}", cert.display(), key.display()),
+                reason,
+            })?;
+            let mut pem = cert_pem;
             pem.push(b'\n');
-            pem.extend(read(key)?);
+            pem.extend(key_pem);
             let identity = reqwest::Identity::from_pem(&pem)
                 .map_err(|error| client_error(format!("client certificate: {error}")))?;
             builder = builder.identity(identity);
@@ -91,6 +101,35 @@ impl PushDestination {
             client,
         })
     }
+}
+
+/// Check a client certificate chain and its key (mTLS) before use, so a wrong file is named at
+/// start-up rather than found as a failed handshake at the partner: the chain must hold at least
+/// one certificate, the key file exactly one private key (PKCS#8, SEC1 or PKCS#1), and the key
+/// must be the one the first certificate certifies. PEM is read with `rustls-pki-types`.
+pub fn check_client_identity(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("the client certificate file is not valid PEM: {error}"))?;
+    if chain.is_empty() {
+        return Err("the client certificate file holds no CERTIFICATE block".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| match error {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            "the client key file holds no private key (PKCS#8, SEC1 or PKCS#1 PEM)".to_owned()
+        }
+        other => format!("the client key file is not valid PEM: {other}"),
+    })?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|error| match error {
+        rustls::Error::InconsistentKeys(_) => {
+            "the client key does not belong to the first certificate of the chain".to_owned()
+        }
+        other => format!("the client certificate or key cannot be used: {other}"),
+    })?;
+    Ok(())
 }
 
 /// How an attempt bears on the partner's health.
@@ -119,8 +158,10 @@ impl Worker {
         self.destination.config.timeout + self.config.lease_margin
     }
 
-    /// Run until `shutdown` turns true. Attempts in flight are dropped then; their leases expire
-    /// and they are sent again (with the same idempotency key) after a restart.
+    /// Run until `shutdown` turns true, then stop claiming and let the attempts in flight finish
+    /// and record their results (each is bounded by the destination's timeout; the caller bounds
+    /// the whole drain by the shutdown grace and aborts what is left, whose leases then expire
+    /// and which are sent again, with the same idempotency key, after a restart).
     pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let partner = self.destination.config.partner.clone();
         let concurrency = self.destination.config.concurrency.max(1);
@@ -199,11 +240,29 @@ impl Worker {
                 _ = shutdown.changed() => {}
             }
         }
-        in_flight.abort_all();
+        if !in_flight.is_empty() {
+            tracing::info!(
+                partner = %partner,
+                in_flight = in_flight.len(),
+                "push delivery worker stopping: waiting for attempts in flight"
+            );
+        }
+        while let Some(done) = in_flight.join_next().await {
+            if let Err(error) = done {
+                tracing::error!(partner = %partner, %error, "a delivery attempt panicked");
+            }
+        }
         tracing::info!(partner = %partner, "push delivery worker stopped");
     }
 
-    /// One attempt on one claimed row, recorded in the store before it returns.
+    /// One attempt on one claimed row, recorded in the store before it returns. (The deliver
+    /// stage's span: destination partner, resource type and attempt number — no record ids.)
+    #[tracing::instrument(
+        target = "caregate::stage",
+        name = "deliver",
+        skip_all,
+        fields(partner = %row.partner, resource_type = %row.entry.resource_type, attempt = row.attempts + 1)
+    )]
     async fn attempt(&self, row: PendingDelivery) -> Health {
         let partner = self.destination.config.partner.as_str();
         let entry = &row.entry;
@@ -218,7 +277,17 @@ impl Worker {
             self.record(&row, result, vec![event]).await;
             return Health::Unknown;
         }
-        if let Recheck::Withheld { rule_id, reason } = self.policy.recheck(entry, partner) {
+        let recheck = self.policy.recheck(entry, partner);
+        if recheck == Recheck::NotYet {
+            let result = DeliveryResult::Retry {
+                status: None,
+                error: "consent state on this instance not yet current; checking again".to_owned(),
+                next_attempt_at: OffsetDateTime::now_utc() + NOT_YET_DELAY,
+            };
+            self.record(&row, result, Vec::new()).await;
+            return Health::Unknown;
+        }
+        if let Recheck::Withheld { rule_id, reason } = recheck {
             let event = events::withheld(entry, partner, &rule_id, &reason);
             tracing::info!(partner = %partner, seq = entry.seq, rule_id = %rule_id, "delivery withheld at delivery time");
             self.record(
@@ -238,11 +307,12 @@ impl Worker {
                 event.detail = Some("pushed".to_owned());
                 vec![event]
             }
-            DeliveryResult::Dead { status, .. } => {
+            DeliveryResult::Dead { status, error, .. } => {
                 let mut event =
                     events::delivery_event(entry, partner, Action::Deliver, Outcome::Failed);
                 event.status = *status;
-                event.detail = Some("rejected by the partner: dead letter".to_owned());
+                // `error` is our own short text (status, attempts, transport failure kind).
+                event.detail = Some(format!("dead letter: {error}"));
                 vec![event]
             }
             DeliveryResult::Retry { .. } | DeliveryResult::Withheld { .. } => Vec::new(),
@@ -334,6 +404,8 @@ impl Worker {
         )
     }
 
+    /// A transient failure: try again after a backoff, or — once `max_attempts` is reached —
+    /// give up and keep it as a dead letter.
     fn retry(
         &self,
         attempts: u32,
@@ -341,6 +413,17 @@ impl Worker {
         error: String,
         retry_after: Option<Duration>,
     ) -> DeliveryResult {
+        if self
+            .config
+            .max_attempts
+            .is_some_and(|max| attempts >= max.max(1))
+        {
+            return DeliveryResult::Dead {
+                status,
+                error: format!("gave up after {attempts} attempts: {error}"),
+                response: Vec::new(),
+            };
+        }
         let mut delay = self.config.backoff.delay(attempts, random_unit());
         if let Some(asked) = retry_after {
             delay = delay.max(asked.min(self.config.backoff.cap));

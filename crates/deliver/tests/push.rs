@@ -376,3 +376,219 @@ async fn push_destination_needs_an_https_endpoint() {
         "a key without a certificate"
     );
 }
+
+/// Write a client identity issued by `ca` into `dir` and point `destination` at it.
+fn with_client_identity(
+    dir: &std::path::Path,
+    destination: &mut caregate_deliver::DestinationConfig,
+    identity: &caregate_testkit::partner_server::IssuedCert,
+) {
+    let cert = dir.join("client-cert.pem");
+    let key = dir.join("client-key.pem");
+    std::fs::write(&cert, &identity.cert_pem).unwrap();
+    std::fs::write(&key, &identity.key_pem).unwrap();
+    destination.tls.client_cert = Some(cert);
+    destination.tls.client_key = Some(key);
+}
+
+#[tokio::test]
+async fn mtls_partner_requiring_a_client_certificate_refuses_without_one_and_accepts_with_it() {
+    use caregate_testkit::partner_server::TestCa;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let client_ca = TestCa::new("caregate client CA");
+    let partner = PartnerServer::start_with(Some(client_ca.pem())).await;
+    let seq = commit(store.as_ref(), "obs-1", PATIENTS[0], 1, &["trust-rx1"]).await;
+
+    // Without a client certificate: the partner refuses the handshake; the record stays queued.
+    let handle = spawn(
+        store.clone(),
+        Arc::new(StoredDecisionPolicy::new()),
+        vec![push_to(dir.path(), "trust-rx1", &partner)],
+        fast_config(),
+        std::future::pending(),
+    )
+    .unwrap();
+    assert!(
+        partner.wait_for_handshake_failures(PATIENCE, 2).await,
+        "the partner refused handshakes without a client certificate"
+    );
+    wait_for("the failure recorded", || async {
+        status_of(store.as_ref(), "trust-rx1")
+            .await
+            .is_some_and(|s| s.last_failure.is_some() && s.pending == 1)
+    })
+    .await;
+    handle.shutdown().await;
+    assert!(partner.received().is_empty(), "nothing got through");
+
+    // With the certificate the partner trusts: delivered, once, with the same key.
+    let mut destination = push_to(dir.path(), "trust-rx1", &partner);
+    with_client_identity(
+        dir.path(),
+        &mut destination,
+        &client_ca.issue_client("caregate"),
+    );
+    let handle = spawn(
+        store.clone(),
+        Arc::new(StoredDecisionPolicy::new()),
+        vec![destination],
+        fast_config(),
+        std::future::pending(),
+    )
+    .unwrap();
+    wait_for("delivered over mTLS", || async {
+        status_of(store.as_ref(), "trust-rx1")
+            .await
+            .is_some_and(|s| s.delivered == 1 && s.pending == 0)
+    })
+    .await;
+    handle.shutdown().await;
+    assert_eq!(partner.accepted_keys(), [idempotency_key(seq, "trust-rx1")]);
+}
+
+#[tokio::test]
+async fn mtls_client_identity_files_are_checked_at_start_with_clear_errors() {
+    use caregate_testkit::partner_server::TestCa;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("caregate client CA");
+    let good = ca.issue_client("caregate");
+    let other = ca.issue_client("someone else");
+    let start = |cert: &str, key: &str| {
+        let mut destination =
+            caregate_deliver::DestinationConfig::push("trust-rx1", "https://localhost:1/fhir");
+        with_client_identity(
+            dir.path(),
+            &mut destination,
+            &caregate_testkit::partner_server::IssuedCert {
+                cert_pem: cert.to_owned(),
+                key_pem: key.to_owned(),
+            },
+        );
+        caregate_deliver::build_destinations(vec![destination])
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    };
+    assert_eq!(start(&good.cert_pem, &good.key_pem), Ok(()));
+    let mismatch = start(&good.cert_pem, &other.key_pem).unwrap_err();
+    assert!(
+        mismatch.contains("trust-rx1") && mismatch.contains("does not belong"),
+        "{mismatch}"
+    );
+    let no_cert = start("not a certificate\n", &good.key_pem).unwrap_err();
+    assert!(no_cert.contains("no CERTIFICATE"), "{no_cert}");
+    let no_key = start(&good.cert_pem, &good.cert_pem).unwrap_err();
+    assert!(no_key.contains("no private key"), "{no_key}");
+    assert!(
+        no_key.contains("client-key.pem"),
+        "names the file: {no_key}"
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_waits_for_the_attempt_in_flight_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let partner = PartnerServer::start().await;
+    partner.set_mode(Mode::Delay(std::time::Duration::from_millis(1500)));
+    commit(store.as_ref(), "obs-1", PATIENTS[0], 1, &["trust-rx1"]).await;
+    let handle = spawn(
+        store.clone(),
+        Arc::new(StoredDecisionPolicy::new()),
+        vec![push_to(dir.path(), "trust-rx1", &partner)],
+        fast_config(),
+        std::future::pending(),
+    )
+    .unwrap();
+    assert!(partner.wait_until(PATIENCE, |r| !r.is_empty()).await);
+    // The partner is still answering: shutting down now must wait for it and record the result.
+    assert!(handle.shutdown_within(PATIENCE).await, "drained in time");
+    let status = status_of(store.as_ref(), "trust-rx1").await.unwrap();
+    assert_eq!((status.delivered, status.pending), (1, 0), "{status:?}");
+    assert_eq!(partner.received().len(), 1);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_is_bounded_by_the_grace_and_leaves_the_row_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let partner = PartnerServer::start().await;
+    partner.set_mode(Mode::Hang);
+    commit(store.as_ref(), "obs-1", PATIENTS[0], 1, &["trust-rx1"]).await;
+    let mut destination = push_to(dir.path(), "trust-rx1", &partner);
+    destination.timeout = std::time::Duration::from_secs(60);
+    let handle = spawn(
+        store.clone(),
+        Arc::new(StoredDecisionPolicy::new()),
+        vec![destination],
+        fast_config(),
+        std::future::pending(),
+    )
+    .unwrap();
+    assert!(partner.wait_until(PATIENCE, |r| !r.is_empty()).await);
+    let started = std::time::Instant::now();
+    assert!(
+        !handle
+            .shutdown_within(std::time::Duration::from_millis(300))
+            .await,
+        "a hanging attempt cannot finish"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the grace bounds the wait, not the 60 s timeout"
+    );
+    let status = status_of(store.as_ref(), "trust-rx1").await.unwrap();
+    assert_eq!(
+        (status.delivered, status.pending),
+        (0, 1),
+        "sent again after restart"
+    );
+}
+
+#[tokio::test]
+async fn max_attempts_turns_repeated_transient_failures_into_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let partner = PartnerServer::start().await;
+    partner.set_mode(Mode::Fail(503));
+    commit(store.as_ref(), "obs-1", PATIENTS[0], 1, &["trust-rx1"]).await;
+    let config = caregate_deliver::DeliveryConfig {
+        max_attempts: Some(3),
+        ..fast_config()
+    };
+    let handle = spawn(
+        store.clone(),
+        Arc::new(StoredDecisionPolicy::new()),
+        vec![push_to(dir.path(), "trust-rx1", &partner)],
+        config,
+        std::future::pending(),
+    )
+    .unwrap();
+    wait_for("a dead letter after three attempts", || async {
+        status_of(store.as_ref(), "trust-rx1")
+            .await
+            .is_some_and(|s| s.dead == 1)
+    })
+    .await;
+    handle.shutdown().await;
+    assert_eq!(partner.received().len(), 3, "exactly max_attempts requests");
+    let dead = operations::dead_letters(store.as_ref(), None, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead[0].status, Some(503));
+    assert!(
+        dead[0].error.starts_with("gave up after 3 attempts"),
+        "{}",
+        dead[0].error
+    );
+    assert!(
+        operations::is_dead_letter(store.as_ref(), dead[0].id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !operations::is_dead_letter(store.as_ref(), dead[0].id + 1)
+            .await
+            .unwrap()
+    );
+}

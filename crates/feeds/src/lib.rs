@@ -15,6 +15,7 @@
 pub mod definition;
 pub mod export;
 pub mod keys;
+pub mod nats;
 pub mod policy;
 pub mod runner;
 pub mod transform;

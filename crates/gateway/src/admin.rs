@@ -15,6 +15,14 @@
 //! their ODS code) or the partner as actor and the patient searched for, if any. A review is
 //! written in the same commit as its own event.
 //!
+//! **Operators' APIs.** The same principals run delivery operations
+//! (`/admin/deliveries/{status,dead-letters,replay}`, see `crate::deliveries_api`) and load the
+//! National Data Opt-out list (`GET`/`PUT /admin/consent/ndoo`); on a console session, a request
+//! that changes state needs the session's CSRF token in `X-CSRF-Token`.
+//!
+//! **Not audited:** `/livez`, `/readyz` and `/metrics` (`crate::telemetry`, `crate::metrics`),
+//! which carry no patient data and answer without credentials.
+//!
 //! Architecture invariant: nothing here logs a patient identifier; error messages never echo a
 //! submitted NHS number.
 
@@ -60,6 +68,9 @@ const LOGIN_CONCURRENCY: usize = 2;
 /// Admin request bodies are small forms and JSON.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 const MAX_NOTE_CHARS: usize = 1_000;
+/// The largest NDOO list accepted: about 2.7 million NHS numbers (12 bytes a line with CRLF),
+/// far above an ICS's opted-out population.
+const MAX_NDOO_BODY: usize = 32 * 1024 * 1024;
 /// The scope a partner's token needs for the audit API.
 const AUDIT_SCOPE_TYPE: &str = "AuditEvent";
 const SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
@@ -71,6 +82,8 @@ pub struct AdminSettings {
     pub officers: Vec<IgOfficer>,
     /// The data directory, for chain verification.
     pub data_dir: PathBuf,
+    /// With the PostgreSQL store: verification checks this instance's chain in the database.
+    pub postgres: Option<crate::config::PostgresSettings>,
     /// The audit log id, named as the `source.observer` of exported FHIR AuditEvents.
     pub log_id: String,
     pub nhs_number_policy: NhsNumberPolicy,
@@ -83,6 +96,10 @@ impl AdminSettings {
         Self {
             officers: config.ig_officers.clone(),
             data_dir: config.data_dir.clone(),
+            postgres: match &config.store {
+                crate::config::StoreSettings::Postgres(pg) => Some(pg.clone()),
+                crate::config::StoreSettings::Sqlite => None,
+            },
             log_id: config.audit.log_id.clone(),
             nhs_number_policy: config.nhs_number_policy(),
             session_idle: Duration::from_secs(config.admin.session_idle_secs),
@@ -133,10 +150,32 @@ pub fn admin_router(state: SharedState, settings: AdminSettings) -> Router {
         )
         .route("/console/sar", get(console_sar))
         .route("/console/verify", get(console_verify))
+        .merge(operations_routes(&admin))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .layer(from_fn_with_state(admin.clone(), admin_edge))
+        // Probes and metrics sit outside `admin_edge` (added after its layer): unauthenticated,
+        // not audited. They disclose no patient data — process health, and aggregate counts
+        // labelled by route template, stage, rule, partner or feed — and orchestrators and
+        // Prometheus scrape them every few seconds (ARCHITECTURE.md "Observability").
+        .route("/livez", get(crate::telemetry::livez))
+        .route("/readyz", get(crate::telemetry::readyz))
+        .route("/metrics", get(crate::metrics::prometheus_text))
         .with_state(admin)
+}
+
+/// The operators' APIs, behind [`require_operator`]: delivery status, dead letters and replay
+/// (`crate::deliveries_api`), and the National Data Opt-out list (upload and status).
+fn operations_routes(admin: &Admin) -> Router<Admin> {
+    crate::deliveries_api::admin_routes::<Admin>(admin.app.store.clone())
+        .route(
+            "/admin/consent/ndoo",
+            get(api_ndoo_status)
+                .put(api_ndoo_upload)
+                .layer(DefaultBodyLimit::max(MAX_NDOO_BODY)),
+        )
+        .route("/admin/policy/reload", post(api_policy_reload))
+        .route_layer(from_fn_with_state(admin.clone(), require_operator))
 }
 
 async fn not_found() -> ApiError {
@@ -709,6 +748,34 @@ async fn record_review(
 
 async fn run_verification(admin: &AdminState) -> Result<AuditVerification, String> {
     let data_dir = admin.settings.data_dir.clone();
+    if let Some(pg) = &admin.settings.postgres {
+        // This instance's chain (its key and log id are in its data directory); `caregate audit
+        // verify --config` checks every instance's.
+        let text = tokio::fs::read_to_string(data_dir.join(AUDIT_PUBLIC_KEY_FILE))
+            .await
+            .map_err(|_| {
+                "the audit log's public key file is missing from the data directory".to_owned()
+            })?;
+        let mut parts = text.split_whitespace();
+        let (Some(log_id), Some(key)) = (parts.next(), parts.next()) else {
+            return Err("the audit log's public key file is not `LOG_ID BASE64`".to_owned());
+        };
+        let verifier = caregate_audit::CheckpointVerifier::from_public_key_base64(log_id, key)
+            .map_err(|e| format!("the audit log's public key is not valid: {e}"))?;
+        let url = pg.url()?;
+        return caregate_store::postgres::verify_instance(
+            url.expose(),
+            &pg.instance_id,
+            &verifier,
+            &[],
+        )
+        .await
+        .map(|instance| instance.verification)
+        .map_err(|e| {
+            tracing::error!(error = %e, "audit verification could not run");
+            "the audit log could not be read for verification".to_owned()
+        });
+    }
     tokio::task::spawn_blocking(move || {
         let key_path = data_dir.join(AUDIT_PUBLIC_KEY_FILE);
         let text = std::fs::read_to_string(&key_path).map_err(|_| {
@@ -1059,6 +1126,175 @@ async fn api_verify(
         )),
         Err(message) => {
             tracing::error!(%message, "audit verification failed to run");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operators' APIs: deliveries (crate::deliveries_api) and the NDOO list.
+
+/// Authenticate an operators' API request as the JSON API does ([`ApiPrincipal`]); a request
+/// that changes state on a console session must also carry the session's CSRF token (a bearer
+/// token is not ambient, so it needs none). The acting operator rides on as
+/// [`Operator`](crate::deliveries_api::Operator) for handlers that write their own audit event.
+async fn require_operator(State(admin): State<Admin>, request: Request, next: Next) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let principal = match ApiPrincipal::from_request_parts(&mut parts, &admin).await {
+        Ok(principal) => principal,
+        Err(error) => return error.into_response(),
+    };
+    let actor = match &principal {
+        ApiPrincipal::Officer(officer) => {
+            if !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
+                let sent = parts
+                    .headers
+                    .get("x-csrf-token")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !same_token(sent, &officer.csrf) {
+                    return ApiError::Forbidden {
+                        message: "a session-authenticated request that changes state needs the X-CSRF-Token header".into(),
+                    }
+                    .into_response();
+                }
+            }
+            let remote = parts
+                .extensions
+                .get::<RequestCtx>()
+                .and_then(|ctx| ctx.remote)
+                .map(|r| r.ip().to_string());
+            officer_actor(&officer.officer, remote.as_deref())
+        }
+        ApiPrincipal::Partner(_) => parts
+            .extensions
+            .get::<RequestCtx>()
+            .map(RequestCtx::actor)
+            .unwrap_or_default(),
+    };
+    parts
+        .extensions
+        .insert(crate::deliveries_api::Operator(actor));
+    next.run(Request::from_parts(parts, body)).await
+}
+
+fn policy_stage(admin: &AdminState) -> Result<Arc<crate::policy_stage::PolicyStage>, ApiError> {
+    admin.app.policy.clone().ok_or(ApiError::Conflict {
+        message: "no [policy] is configured: there is no consent registry to load a list into",
+    })
+}
+
+/// `POST /admin/policy/reload`: load the policy bundle from `[policy] dir` again, as SIGHUP does
+/// (issue 3: "hot-reload atomically (SIGHUP and … an admin call)"). A bundle that fails validation
+/// is refused with its file, line and message, and the bundle in force stays; either way the
+/// request is one audited `policy-reload` event naming the version in force afterwards.
+async fn api_policy_reload(
+    State(admin): State<Admin>,
+    axum::Extension(ctx): axum::Extension<RequestCtx>,
+) -> Result<Response, ApiError> {
+    ctx.set_action(Action::PolicyReload);
+    let stage = policy_stage(&admin)?;
+    let reloading = std::sync::Arc::clone(&stage);
+    let result = tokio::task::spawn_blocking(move || reloading.reload())
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    match result {
+        Ok(version) => {
+            tracing::info!(%version, "policy reloaded (admin API)");
+            ctx.set_detail(format!("policy bundle reloaded: {version}"));
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "reloaded": true, "version": version }),
+            ))
+        }
+        Err(error) => {
+            tracing::error!(%error, "policy reload refused (admin API); the previous bundle stays in force");
+            let message: String = format!("reload refused: {error}")
+                .chars()
+                .take(500)
+                .collect();
+            ctx.set_detail(message.clone());
+            Ok(json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({
+                    "reloaded": false,
+                    "version": stage.version(),
+                    "error": message,
+                }),
+            ))
+        }
+    }
+}
+
+/// `GET /admin/consent/ndoo`: the NDOO cache's size, load time, maximum age and freshness.
+async fn api_ndoo_status(
+    State(admin): State<Admin>,
+    axum::Extension(ctx): axum::Extension<RequestCtx>,
+) -> Result<Response, ApiError> {
+    ctx.set_action(Action::Metadata);
+    ctx.set_detail("NDOO list status");
+    let status = policy_stage(&admin)?.ndoo_status(OffsetDateTime::now_utc());
+    let body = serde_json::to_value(&status).map_err(|_| ApiError::Internal)?;
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// `PUT /admin/consent/ndoo` with `text/plain`, one NHS number per line (the national service's
+/// format, as `caregate consent load-ndoo` takes): validated whole, installed as the configured
+/// `[policy] ndoo_list` and applied at once (`NDOO-5`, `NDOO-6`). Audited as a policy reload; the
+/// answer and the audit detail carry counts and line numbers, never an NHS number.
+async fn api_ndoo_upload(
+    State(admin): State<Admin>,
+    axum::Extension(ctx): axum::Extension<RequestCtx>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use crate::policy_stage::PolicyStageError;
+    ctx.set_action(Action::PolicyReload);
+    ctx.set_detail("NDOO list upload");
+    let stage = policy_stage(&admin)?;
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if media_type.as_deref() != Some("text/plain") {
+        ctx.set_detail("NDOO list upload refused: not text/plain");
+        return Err(ApiError::NotSupported {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: "Content-Type must be text/plain: one NHS number per line",
+        });
+    }
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
+        ctx.set_detail("NDOO list upload refused: not UTF-8");
+        return Err(bad_request("the list must be UTF-8 text".into()));
+    };
+    let result = tokio::task::spawn_blocking(move || stage.install_ndoo(&text))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    match result {
+        Ok(status) => {
+            ctx.set_detail(format!(
+                "NDOO list installed and applied: {} NHS numbers",
+                status.entries.unwrap_or(0)
+            ));
+            let body = serde_json::to_value(&status).map_err(|_| ApiError::Internal)?;
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        Err(PolicyStageError::NdooRefused(reason)) => {
+            ctx.set_detail(format!("NDOO list upload refused: {reason}"));
+            Err(bad_request(format!(
+                "the NDOO list was refused, the previous list stays in force: {reason}"
+            )))
+        }
+        Err(PolicyStageError::NoNdooList) => {
+            ctx.set_detail("NDOO list upload refused: no [policy] ndoo_list configured");
+            Err(ApiError::Conflict {
+                message: "the configuration has no [policy] ndoo_list to install the list as",
+            })
+        }
+        Err(error) => {
+            tracing::error!(%error, "the NDOO list could not be installed");
+            ctx.set_detail("NDOO list upload failed: the list could not be written");
             Err(ApiError::Internal)
         }
     }

@@ -68,6 +68,8 @@ pub fn router(state: SharedState) -> Router {
         // Partner inbox (issue 4): `/fhir/$inbox`, `/fhir/$inbox/ack`.
         .merge(crate::deliveries_api::inbox_routes())
         .merge(crate::bulk_export::routes())
+        // Emergency access (LR-2): `POST /fhir/Patient/$break-glass`.
+        .merge(crate::break_glass::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read through `fhir_api::read_body`, which enforces the configured limit and
@@ -102,8 +104,46 @@ fn valid_request_id(value: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// The request's trace and metrics, around everything else: one `request` span (the stages'
+/// spans are its children) named by the route template, never the raw path (ids in paths may be
+/// patient identifiers); the request counter and latency once the response is final.
+async fn edge(state: State<SharedState>, request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "(unmatched)".to_owned());
+    let span = tracing::info_span!(
+        target: crate::telemetry::REQUEST_TARGET,
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = edge_phases(state, request, next)
+        .instrument(span.clone())
+        .await;
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
+    crate::metrics::global().request(method.as_str(), &route, status, started.elapsed());
+    response
+}
+
 /// The edge middleware: request id, context, timeout, and the audit phase.
-async fn edge(State(state): State<SharedState>, mut request: Request, next: Next) -> Response {
+async fn edge_phases(
+    State(state): State<SharedState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let conn = request.extensions().get::<ConnInfo>().cloned();
     let supplied = request
         .headers()
@@ -228,40 +268,62 @@ impl FromRequestParts<SharedState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
-        let ctx = parts.extensions.get::<RequestCtx>().cloned();
-        let thumbprint = ctx.as_ref().and_then(|c| c.client_cert_thumbprint.clone());
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| ApiError::Unauthorized {
-                www_authenticate: BEARER_CHALLENGE.to_owned(),
-                message: "a bearer access token is required (see /.well-known/smart-configuration)"
-                    .into(),
-            })?;
-        let grant = state
-            .authority
-            .verify_bearer(token, thumbprint.as_deref())
-            .map_err(|error| ApiError::Unauthorized {
-                www_authenticate: error.www_authenticate(),
-                message: error.to_string(),
-            })?;
-        let partner = state
-            .partners
-            .get(grant.client_id())
-            .cloned()
-            .ok_or_else(|| ApiError::Unauthorized {
-                www_authenticate: BEARER_CHALLENGE.to_owned(),
-                message: "the token's client is no longer registered".into(),
-            })?;
-        if let Some(ctx) = &ctx {
-            ctx.set_partner(&partner);
+        // The auth stage's span: the partner id (an organisation, not a patient) and the outcome.
+        let span = tracing::info_span!(
+            target: crate::telemetry::STAGE_TARGET,
+            "auth",
+            partner = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let caller = span.in_scope(|| authenticate(parts, state));
+        match &caller {
+            Ok(caller) => {
+                span.record("partner", caller.partner.id.as_str());
+                span.record("outcome", "ok");
+            }
+            Err(error) => {
+                span.record("outcome", error.status().as_u16());
+            }
         }
-        Ok(Caller { grant, partner })
+        caller
     }
+}
+
+/// Verify the bearer token and bind it to a registered partner (the auth stage).
+fn authenticate(parts: &mut Parts, state: &SharedState) -> Result<Caller, ApiError> {
+    let ctx = parts.extensions.get::<RequestCtx>().cloned();
+    let thumbprint = ctx.as_ref().and_then(|c| c.client_cert_thumbprint.clone());
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthorized {
+            www_authenticate: BEARER_CHALLENGE.to_owned(),
+            message: "a bearer access token is required (see /.well-known/smart-configuration)"
+                .into(),
+        })?;
+    let grant = state
+        .authority
+        .verify_bearer(token, thumbprint.as_deref())
+        .map_err(|error| ApiError::Unauthorized {
+            www_authenticate: error.www_authenticate(),
+            message: error.to_string(),
+        })?;
+    let partner = state
+        .partners
+        .get(grant.client_id())
+        .cloned()
+        .ok_or_else(|| ApiError::Unauthorized {
+            www_authenticate: BEARER_CHALLENGE.to_owned(),
+            message: "the token's client is no longer registered".into(),
+        })?;
+    if let Some(ctx) = &ctx {
+        ctx.set_partner(&partner);
+    }
+    Ok(Caller { grant, partner })
 }

@@ -332,11 +332,31 @@ async fn kick_off(
     };
     let store = state.store.clone();
     let policy = exports.policy.clone();
-    tokio::spawn(async move {
+    // The feed stage's span: feed id, records released and outcome (no content, no ids).
+    let span = tracing::info_span!(
+        target: crate::telemetry::STAGE_TARGET,
+        "feed",
+        feed = %definition.id,
+        files = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let run = async move {
         let outcome = caregate_feeds::runner::run(store, policy, export_job, control).await;
+        let span = tracing::Span::current();
         let next = match outcome {
-            Ok(manifest) => JobState::Done(Box::new(manifest)),
+            Ok(manifest) => {
+                span.record("files", manifest.files.len());
+                span.record("outcome", "ok");
+                crate::metrics::global().feed_export(
+                    &job.feed,
+                    "ok",
+                    Some(manifest.transaction_time.unix_timestamp() as f64),
+                );
+                JobState::Done(Box::new(manifest))
+            }
             Err(error) => {
+                span.record("outcome", "failed");
+                crate::metrics::global().feed_export(&job.feed, "failed", None);
                 tracing::warn!(export = %job.id, feed = %job.feed, %error, "bulk export failed");
                 JobState::Failed
             }
@@ -344,7 +364,8 @@ async fn kick_off(
         if let Ok(mut state) = job.state.lock() {
             *state = next;
         }
-    });
+    };
+    tokio::spawn(tracing::Instrument::instrument(run, span));
     let location = format!("{}/fhir/$export-status/{id}", state.base_url);
     let mut response = StatusCode::ACCEPTED.into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {

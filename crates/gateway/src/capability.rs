@@ -31,7 +31,7 @@ pub fn capability_statement(base_url: &str) -> Value {
             if *t != ResourceType::Bundle {
                 interactions.push(json!({"code": "update"}));
             }
-            json!({
+            let mut resource = json!({
                 "type": t.as_str(),
                 "interaction": interactions,
                 "versioning": "versioned-update",
@@ -40,7 +40,11 @@ pub fn capability_statement(base_url: &str) -> Value {
                 "conditionalCreate": *t != ResourceType::Bundle,
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
-            })
+            });
+            if *t == ResourceType::Patient {
+                resource["operation"] = json!([break_glass_operation(base_url)]);
+            }
+            resource
         })
         .collect();
     json!({
@@ -70,6 +74,26 @@ pub fn capability_statement(base_url: &str) -> Value {
             "resource": resources,
             "interaction": [{ "code": "transaction" }, { "code": "batch" }],
         }]
+    })
+}
+
+/// The break-glass operation on the Patient type (DOMAIN.md `LR-2`; see `crate::break_glass`).
+/// caregate serves no OperationDefinition resources: the parameters are described here.
+fn break_glass_operation(base_url: &str) -> Value {
+    json!({
+        "name": "break-glass",
+        "definition": format!("{base_url}/fhir/OperationDefinition/Patient-break-glass"),
+        "documentation": format!(
+            "Emergency (break-glass) access: POST {} with a Parameters body: patient (valueIdentifier, \
+             system https://fhir.nhs.uk/Id/nhs-number), reason (valueString, required, at most {} characters) and \
+             purposeOfUse (valueCoding, system http://terminology.hl7.org/CodeSystem/v3-ActReason, code ETREAT or BTG). \
+             Needs the {} scope. Returns a searchset Bundle of the records held about the patient that the \
+             consent/IG policy allows the caller under break-glass (LR-2, where its agreement permits it; \
+             dissent and sensitive-data rules still apply). Every disclosure is audited and reviewed by IG officers.",
+            crate::break_glass::PATH,
+            crate::break_glass::MAX_REASON_CHARS,
+            crate::break_glass::REQUIRED_SCOPE
+        )
     })
 }
 

@@ -37,7 +37,221 @@ pub struct ConfigFile {
     #[serde(default)]
     pub feeds: FeedsSection,
     pub policy: Option<PolicySection>,
+    #[serde(default)]
+    pub delivery: DeliveryStageSection,
+    /// `[telemetry]`: OTLP export, log format (issue 8; `crate::telemetry`).
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySection,
+    /// `[store]`: the embedded SQLite store (default) or a shared PostgreSQL (issue 8).
+    #[serde(default)]
+    pub store: StoreSection,
 }
+
+/// Which store holds the committed log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded SQLite store in `server.data_dir` (one gateway process).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by several gateway instances.
+    Postgres,
+}
+
+/// `[store]`, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    pub postgres: Option<PostgresSection>,
+}
+
+/// A PostgreSQL connection string. It may carry a password, so it is never printed: `Debug`
+/// shows a placeholder, and nothing logs it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, to pass to the driver (only).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
+}
+
+/// `[store.postgres]`, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// `postgres://user:password@host:port/db` or a libpq `key=value` string. Prefer `url_file`.
+    pub url: Option<DatabaseUrl>,
+    /// A file holding the URL (e.g. a mounted secret), read at start. Relative to the config.
+    pub url_file: Option<PathBuf>,
+    /// This instance's id: unique among instances sharing the database, stable across restarts.
+    pub instance_id: Option<String>,
+    #[serde(default = "caregate_store::postgres::PostgresOptions::default_max_batch")]
+    pub max_batch: usize,
+    #[serde(default = "caregate_store::postgres::PostgresOptions::default_read_connections")]
+    pub read_connections: usize,
+    /// How long start-up waits for the instance id to be released by a previous process, in
+    /// seconds.
+    #[serde(default = "default_instance_lock_wait_secs")]
+    pub instance_lock_wait_secs: u64,
+}
+
+fn default_instance_lock_wait_secs() -> u64 {
+    caregate_store::postgres::PostgresOptions::default_instance_lock_wait().as_secs()
+}
+
+/// Where the PostgreSQL URL comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrlSource {
+    Inline(DatabaseUrl),
+    /// Resolved against the config file's directory; read by [`PostgresSettings::url`].
+    File(PathBuf),
+}
+
+/// `[store.postgres]` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    pub url: DatabaseUrlSource,
+    pub instance_id: String,
+    pub max_batch: usize,
+    pub read_connections: usize,
+    pub instance_lock_wait: Duration,
+}
+
+impl PostgresSettings {
+    /// The connection URL (reads `url_file` now; surrounding whitespace is dropped). The error
+    /// names the file, never its contents.
+    pub fn url(&self) -> Result<DatabaseUrl, String> {
+        match &self.url {
+            DatabaseUrlSource::Inline(url) => Ok(url.clone()),
+            DatabaseUrlSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!(
+                        "cannot read store.postgres.url_file {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let url = text.trim();
+                if url.is_empty() {
+                    return Err(format!(
+                        "store.postgres.url_file {} is empty",
+                        path.display()
+                    ));
+                }
+                Ok(DatabaseUrl(url.to_owned()))
+            }
+        }
+    }
+
+    /// The store options for this instance (without audit signing).
+    pub fn options(&self) -> caregate_store::postgres::PostgresOptions {
+        let mut options = caregate_store::postgres::PostgresOptions::new(self.instance_id.clone());
+        options.max_batch = self.max_batch;
+        options.read_connections = self.read_connections;
+        options.instance_lock_wait = self.instance_lock_wait;
+        options
+    }
+}
+
+/// `[store]` after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreSettings {
+    #[default]
+    Sqlite,
+    Postgres(PostgresSettings),
+}
+
+/// The delivery stage's tuning (`[delivery]`, `caregate_deliver::DeliveryConfig`), shared by every
+/// destination, and the defaults partners' `[partner.delivery]` tables may override. Every default
+/// is the engine's own, so an absent section changes nothing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryStageSection {
+    /// How often the fan-out reader and push workers look for work nobody announced, in ms.
+    pub poll_interval_ms: u64,
+    /// Log entries the fan-out reader routes per commit.
+    pub fanout_batch: usize,
+    /// After new commits, the fan-out reader waits this long before routing them, in ms.
+    pub fanout_coalesce_ms: u64,
+    /// First retry waits up to this long (full jitter), doubling per failure, in ms.
+    pub backoff_base_ms: u64,
+    /// … never more than this, in seconds.
+    pub backoff_max_secs: u64,
+    /// Consecutive failures that open a destination's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before one probe, in seconds.
+    pub breaker_open_secs: u64,
+    /// A record older than this (since commit) becomes a dead letter instead of being sent, in
+    /// seconds. Default 4 days, below MESH's 5-day expiry.
+    pub max_age_secs: u64,
+    /// Transient failures after which a record becomes a dead letter; absent: no limit (age only).
+    pub max_attempts: Option<u32>,
+    /// Bytes of a partner's rejection kept with a dead letter.
+    pub response_keep_bytes: usize,
+    /// A claimed record is leased for the request timeout plus this margin, in seconds.
+    pub lease_margin_secs: u64,
+    /// Default per-request timeout of a push (connect + send + answer), in seconds.
+    pub timeout_secs: u64,
+    /// Default number of attempts in flight at once per partner.
+    pub concurrency: usize,
+    /// Default PEM CA bundle for partners' server certificates (absent: the system roots).
+    pub ca_cert: Option<PathBuf>,
+    /// Gateway-wide mTLS identity presented to push endpoints: PEM certificate chain…
+    pub client_cert: Option<PathBuf>,
+    /// … and its PEM private key. A partner's own `client_cert`/`client_key` replace both.
+    pub client_key: Option<PathBuf>,
+}
+
+impl Default for DeliveryStageSection {
+    fn default() -> Self {
+        let engine = caregate_deliver::DeliveryConfig::default();
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            poll_interval_ms: millis(engine.poll_interval),
+            fanout_batch: engine.fanout_batch,
+            fanout_coalesce_ms: millis(engine.fanout_coalesce),
+            backoff_base_ms: millis(engine.backoff.base),
+            backoff_max_secs: engine.backoff.cap.as_secs(),
+            breaker_failures: engine.breaker.failures,
+            breaker_open_secs: engine.breaker.open_for.as_secs(),
+            max_age_secs: engine.max_age.as_secs(),
+            max_attempts: engine.max_attempts,
+            response_keep_bytes: engine.response_keep_bytes,
+            lease_margin_secs: engine.lease_margin.as_secs(),
+            timeout_secs: caregate_deliver::DeliveryConfig::default_timeout().as_secs(),
+            concurrency: caregate_deliver::DeliveryConfig::default_concurrency(),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+}
+
+/// `[delivery]` after validation: the engine's tuning and the per-partner defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliverySettings {
+    pub engine: caregate_deliver::DeliveryConfig,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    /// Paths resolved against the config file's directory.
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// Bounds of `[delivery]` and `[partner.delivery]` values (checked at load, named in errors).
+const MAX_PUSH_TIMEOUT_SECS: u64 = 600;
+const MAX_PUSH_CONCURRENCY: usize = 256;
 
 /// The consent/IG policy (`caregate_policy`). Without this section no decision is made: records
 /// are accepted and stored but go to no partner and no feed.
@@ -323,8 +537,10 @@ pub struct DeliverySection {
     /// Push over mTLS: our PEM client certificate chain for this partner, with `client_key`.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
-    /// Push: per-request timeout in seconds (default 30).
+    /// Push: per-request timeout in seconds (default `[delivery] timeout_secs`).
     pub timeout_secs: Option<u64>,
+    /// Push: attempts in flight at once (default `[delivery] concurrency`).
+    pub concurrency: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +623,12 @@ pub struct Config {
     /// Paths resolved against the config file's directory.
     pub feeds: FeedsSection,
     pub policy: Option<PolicySection>,
+    /// `[delivery]`, validated.
+    pub delivery: DeliverySettings,
+    /// `[telemetry]`, validated, with the standard `OTEL_*` variables applied.
+    pub telemetry: crate::telemetry::TelemetrySettings,
+    /// `[store]`, validated.
+    pub store: StoreSettings,
 }
 
 impl Config {
@@ -688,6 +910,11 @@ impl Validator<'_> {
                     }
                 }
             }
+            self.validate_partner_delivery(index, &section.id, &section.delivery)?;
+            let mut delivery = section.delivery;
+            delivery.ca_cert = delivery.ca_cert.map(|p| self.resolve(&p));
+            delivery.client_cert = delivery.client_cert.map(|p| self.resolve(&p));
+            delivery.client_key = delivery.client_key.map(|p| self.resolve(&p));
             partners.push(Partner {
                 id: section.id,
                 name: section.name,
@@ -696,10 +923,11 @@ impl Validator<'_> {
                 scopes: section.scopes,
                 jwks,
                 client_cert_sha256: section.client_cert_sha256,
-                delivery: section.delivery,
+                delivery,
                 roles: section.roles,
             });
         }
+        let delivery = self.validate_delivery(&file.delivery)?;
         let ig_officers = self.validate_ig_officers(file.ig_officers)?;
         if file.admin.enabled
             && file.admin.listen == file.server.listen
@@ -720,6 +948,22 @@ impl Validator<'_> {
                 "must be at least 1 and at most admin.session_max_secs",
             ));
         }
+
+        // The standard OpenTelemetry variables override `[telemetry]` (OTel SDK configuration).
+        let telemetry = file
+            .telemetry
+            .settings(|name| std::env::var(name).ok())
+            .map_err(|e| {
+                let key = e.key.strip_prefix("telemetry.").unwrap_or(&e.key);
+                ConfigError {
+                    file: self.path.to_owned(),
+                    line: self.key_line("telemetry", key),
+                    field: Some(e.key.clone()),
+                    message: e.message.clone(),
+                }
+            })?;
+
+        let store = self.validate_store(file.store)?;
 
         Ok(Config {
             path: self.path.to_owned(),
@@ -748,7 +992,309 @@ impl Validator<'_> {
                 type1_list: policy.type1_list.as_deref().map(|p| self.resolve(p)),
                 ndoo_max_age_days: policy.ndoo_max_age_days,
             }),
+            delivery,
+            telemetry,
+            store,
         })
+    }
+
+    fn validate_store(&self, section: StoreSection) -> Result<StoreSettings, ConfigError> {
+        let line = |key: &str| self.key_line("store.postgres", key);
+        let at = |field: &str, key: &str, message: &str| ConfigError {
+            file: self.path.to_owned(),
+            line: line(key).or_else(|| self.find_line("[store.postgres]")),
+            field: Some(field.to_owned()),
+            message: message.to_owned(),
+        };
+        match (section.backend, section.postgres) {
+            (StoreBackend::Sqlite, None) => Ok(StoreSettings::Sqlite),
+            (StoreBackend::Sqlite, Some(_)) => Err(at(
+                "store.postgres",
+                "",
+                "is only used with store.backend = \"postgres\"",
+            )),
+            (StoreBackend::Postgres, None) => Err(ConfigError {
+                file: self.path.to_owned(),
+                line: self.key_line("store", "backend"),
+                field: Some("store.postgres".to_owned()),
+                message: "store.backend = \"postgres\" needs a [store.postgres] section with url or url_file and instance_id".to_owned(),
+            }),
+            (StoreBackend::Postgres, Some(pg)) => {
+                let url = match (pg.url, pg.url_file) {
+                    (Some(url), None) if !url.0.trim().is_empty() => DatabaseUrlSource::Inline(url),
+                    (Some(_), None) => return Err(at("store.postgres.url", "url", "must not be empty")),
+                    (None, Some(path)) => DatabaseUrlSource::File(self.resolve(&path)),
+                    (None, None) => {
+                        return Err(at("store.postgres.url", "", "set url or url_file"));
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(at(
+                            "store.postgres.url_file",
+                            "url_file",
+                            "set url or url_file, not both",
+                        ));
+                    }
+                };
+                let Some(instance_id) = pg.instance_id else {
+                    return Err(at(
+                        "store.postgres.instance_id",
+                        "",
+                        "is required: a name unique among the instances sharing the database, e.g. the host or pod name",
+                    ));
+                };
+                if instance_id.is_empty()
+                    || instance_id.len() > 200
+                    || !instance_id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                {
+                    return Err(at(
+                        "store.postgres.instance_id",
+                        "instance_id",
+                        "must be 1 to 200 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
+                    ));
+                }
+                if pg.max_batch == 0 || pg.max_batch > 10_000 {
+                    return Err(at(
+                        "store.postgres.max_batch",
+                        "max_batch",
+                        "must be between 1 and 10000",
+                    ));
+                }
+                if pg.read_connections == 0 || pg.read_connections > 64 {
+                    return Err(at(
+                        "store.postgres.read_connections",
+                        "read_connections",
+                        "must be between 1 and 64",
+                    ));
+                }
+                Ok(StoreSettings::Postgres(PostgresSettings {
+                    url,
+                    instance_id,
+                    max_batch: pg.max_batch,
+                    read_connections: pg.read_connections,
+                    instance_lock_wait: Duration::from_secs(pg.instance_lock_wait_secs),
+                }))
+            }
+        }
+    }
+
+    /// Line of `key = …` inside the `[section]` table (not in another table that happens to use
+    /// the same key), for errors about values that parsed but failed validation.
+    fn key_line(&self, section: &str, key: &str) -> Option<usize> {
+        let header = format!("[{section}]");
+        let mut inside = false;
+        for (index, line) in self.text.lines().enumerate() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('[') {
+                inside = trimmed.trim_end() == header
+                    || trimmed.split('#').next().map(str::trim_end) == Some(header.as_str());
+                continue;
+            }
+            if inside
+                && let Some(rest) = trimmed.strip_prefix(key)
+                && rest.trim_start().starts_with('=')
+            {
+                return Some(index + 1);
+            }
+        }
+        None
+    }
+
+    fn delivery_error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            line: self.key_line("delivery", key),
+            field: Some(format!("delivery.{key}")),
+            message: message.into(),
+        }
+    }
+
+    /// `[delivery]`: every number within bounds that keep the engine sane, mTLS files in pairs.
+    fn validate_delivery(
+        &self,
+        section: &DeliveryStageSection,
+    ) -> Result<DeliverySettings, ConfigError> {
+        let range = |key: &str, value: u64, min: u64, max: u64, unit: &str| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(self.delivery_error(key, format!("must be between {min} and {max} {unit}")))
+            }
+        };
+        range(
+            "poll_interval_ms",
+            section.poll_interval_ms,
+            10,
+            60_000,
+            "milliseconds",
+        )?;
+        range(
+            "fanout_batch",
+            u64::try_from(section.fanout_batch).unwrap_or(u64::MAX),
+            1,
+            10_000,
+            "log entries",
+        )?;
+        range(
+            "fanout_coalesce_ms",
+            section.fanout_coalesce_ms,
+            0,
+            1_000,
+            "milliseconds",
+        )?;
+        range(
+            "backoff_base_ms",
+            section.backoff_base_ms,
+            1,
+            3_600_000,
+            "milliseconds",
+        )?;
+        range(
+            "backoff_max_secs",
+            section.backoff_max_secs,
+            1,
+            86_400,
+            "seconds",
+        )?;
+        if section.backoff_max_secs.saturating_mul(1000) < section.backoff_base_ms {
+            return Err(self.delivery_error(
+                "backoff_max_secs",
+                "must not be shorter than backoff_base_ms",
+            ));
+        }
+        range(
+            "breaker_failures",
+            u64::from(section.breaker_failures),
+            1,
+            1_000,
+            "failures",
+        )?;
+        range(
+            "breaker_open_secs",
+            section.breaker_open_secs,
+            1,
+            3_600,
+            "seconds",
+        )?;
+        // At least a minute; at most 30 days (MESH keeps messages 5 days: older is no use).
+        range(
+            "max_age_secs",
+            section.max_age_secs,
+            60,
+            30 * 86_400,
+            "seconds",
+        )?;
+        if let Some(max) = section.max_attempts {
+            range("max_attempts", u64::from(max), 1, 1_000_000, "attempts")?;
+        }
+        range(
+            "response_keep_bytes",
+            u64::try_from(section.response_keep_bytes).unwrap_or(u64::MAX),
+            0,
+            1024 * 1024,
+            "bytes",
+        )?;
+        range(
+            "lease_margin_secs",
+            section.lease_margin_secs,
+            1,
+            3_600,
+            "seconds",
+        )?;
+        range(
+            "timeout_secs",
+            section.timeout_secs,
+            1,
+            MAX_PUSH_TIMEOUT_SECS,
+            "seconds",
+        )?;
+        range(
+            "concurrency",
+            u64::try_from(section.concurrency).unwrap_or(u64::MAX),
+            1,
+            MAX_PUSH_CONCURRENCY as u64,
+            "attempts",
+        )?;
+        match (&section.client_cert, &section.client_key) {
+            (Some(_), None) => {
+                return Err(self.delivery_error(
+                    "client_cert",
+                    "`client_cert` is set but `client_key` is not",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(self
+                    .delivery_error("client_key", "`client_key` is set but `client_cert` is not"));
+            }
+            _ => {}
+        }
+        let engine = caregate_deliver::DeliveryConfig {
+            poll_interval: Duration::from_millis(section.poll_interval_ms),
+            fanout_batch: section.fanout_batch,
+            fanout_coalesce: Duration::from_millis(section.fanout_coalesce_ms),
+            backoff: caregate_deliver::retry::Backoff {
+                base: Duration::from_millis(section.backoff_base_ms),
+                cap: Duration::from_secs(section.backoff_max_secs),
+            },
+            breaker: caregate_deliver::retry::BreakerConfig {
+                failures: section.breaker_failures,
+                open_for: Duration::from_secs(section.breaker_open_secs),
+            },
+            max_age: Duration::from_secs(section.max_age_secs),
+            max_attempts: section.max_attempts,
+            response_keep_bytes: section.response_keep_bytes,
+            lease_margin: Duration::from_secs(section.lease_margin_secs),
+        };
+        Ok(DeliverySettings {
+            engine,
+            timeout: Duration::from_secs(section.timeout_secs),
+            concurrency: section.concurrency,
+            ca_cert: section.ca_cert.as_deref().map(|p| self.resolve(p)),
+            client_cert: section.client_cert.as_deref().map(|p| self.resolve(p)),
+            client_key: section.client_key.as_deref().map(|p| self.resolve(p)),
+        })
+    }
+
+    /// `[partner.delivery]`: bounds and mTLS pairs (the endpoint is checked by the caller).
+    fn validate_partner_delivery(
+        &self,
+        index: usize,
+        id: &str,
+        section: &DeliverySection,
+    ) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("partner[{index}].delivery.{name}");
+        if let Some(secs) = section.timeout_secs
+            && !(1..=MAX_PUSH_TIMEOUT_SECS).contains(&secs)
+        {
+            return Err(self.error(
+                &field("timeout_secs"),
+                Some(id),
+                format!("must be between 1 and {MAX_PUSH_TIMEOUT_SECS} seconds"),
+            ));
+        }
+        if let Some(concurrency) = section.concurrency
+            && !(1..=MAX_PUSH_CONCURRENCY).contains(&concurrency)
+        {
+            return Err(self.error(
+                &field("concurrency"),
+                Some(id),
+                format!("must be between 1 and {MAX_PUSH_CONCURRENCY}"),
+            ));
+        }
+        match (&section.client_cert, &section.client_key) {
+            (Some(_), None) => Err(self.error(
+                &field("client_key"),
+                Some(id),
+                "`client_cert` is set but `client_key` is not",
+            )),
+            (None, Some(_)) => Err(self.error(
+                &field("client_cert"),
+                Some(id),
+                "`client_key` is set but `client_cert` is not",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn validate_ig_officers(
@@ -868,11 +1414,220 @@ jwks = { keys = [] }
     }
 
     #[test]
+    fn telemetry_section_parses_and_a_wrong_key_names_its_line() {
+        let text = format!(
+            "{MINIMAL}\n[telemetry]\nenabled = true\nendpoint = \"http://collector:4318\"\nservice_name = \"caregate-a\"\nsampling_ratio = 0.5\nlog_format = \"json\"\n"
+        );
+        let config = parse(&text).unwrap();
+        // The OTEL_* variables may be set where tests run; only assert what they cannot change.
+        assert_eq!(
+            config.telemetry.log_format,
+            crate::telemetry::LogFormat::Json
+        );
+        assert!(parse(MINIMAL).unwrap().telemetry.max_queue_size > 0);
+        let wrong = format!("{MINIMAL}\n[telemetry]\nendpiont = \"http://x\"\n");
+        let err = parse(&wrong).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `endpiont`"),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(15), "{err}");
+        let bad = format!("{MINIMAL}\n[telemetry]\nsampling_ratio = 2.0\n");
+        let err = parse(&bad).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("telemetry.sampling_ratio"));
+        assert_eq!(err.line, Some(15), "{err}");
+    }
+
+    #[test]
+    fn store_section_defaults_to_sqlite_and_postgres_is_strict() {
+        assert_eq!(parse(MINIMAL).unwrap().store, StoreSettings::Sqlite);
+        let text = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl_file = \"secrets/db-url\"\ninstance_id = \"gw-0\"\nmax_batch = 64\n"
+        );
+        let StoreSettings::Postgres(pg) = parse(&text).unwrap().store else {
+            panic!("expected postgres");
+        };
+        assert_eq!(
+            pg.url,
+            DatabaseUrlSource::File(PathBuf::from("/etc/caregate/secrets/db-url"))
+        );
+        assert_eq!(pg.instance_id, "gw-0");
+        assert_eq!(pg.max_batch, 64);
+        assert_eq!(pg.instance_lock_wait, Duration::from_secs(15));
+
+        let typo = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://u:hunter2@db/caregate\"\ninstance = \"gw-0\"\n"
+        );
+        let err = parse(&typo).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `instance`"),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(18), "{err}");
+
+        let missing = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://u:hunter2@db/caregate\"\n"
+        );
+        let err = parse(&missing).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("store.postgres.instance_id"));
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+
+        let both = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://db\"\nurl_file = \"x\"\ninstance_id = \"a\"\n"
+        );
+        let err = parse(&both).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("store.postgres.url_file"));
+        assert_eq!(err.line, Some(18), "{err}");
+
+        let bad_id = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://db\"\ninstance_id = \"gw 0\"\n"
+        );
+        let err = parse(&bad_id).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("store.postgres.instance_id"));
+        assert_eq!(err.line, Some(18), "{err}");
+
+        let orphan = format!("{MINIMAL}\n[store.postgres]\nurl = \"postgres://db\"\n");
+        let err = parse(&orphan).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("store.postgres"));
+
+        let needs = format!("{MINIMAL}\n[store]\nbackend = \"postgres\"\n");
+        let err = parse(&needs).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("store.postgres"));
+        assert_eq!(err.line, Some(15), "{err}");
+        let config = parse(&typo.replace("instance =", "instance_id =")).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn push_delivery_needs_https_endpoint() {
         let text = format!(
             "{MINIMAL}\n[partner.delivery]\nmode = \"push\"\nendpoint = \"http://gp.example\"\n"
         );
         let err = parse(&text).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("partner[0].delivery.endpoint"));
+    }
+
+    #[test]
+    fn delivery_section_absent_keeps_the_engine_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.delivery.engine,
+            caregate_deliver::DeliveryConfig::default()
+        );
+        assert_eq!(
+            config.delivery.timeout,
+            caregate_deliver::DeliveryConfig::default_timeout()
+        );
+        assert_eq!(
+            config.delivery.concurrency,
+            caregate_deliver::DeliveryConfig::default_concurrency()
+        );
+        assert_eq!(config.delivery.client_cert, None);
+    }
+
+    #[test]
+    fn delivery_section_sets_every_knob() {
+        let text = format!(
+            "{MINIMAL}\n[delivery]\npoll_interval_ms = 50\nfanout_batch = 32\nfanout_coalesce_ms = 5\nbackoff_base_ms = 200\n\
+             backoff_max_secs = 60\nbreaker_failures = 3\nbreaker_open_secs = 5\nmax_age_secs = 86400\n\
+             max_attempts = 12\nresponse_keep_bytes = 1024\nlease_margin_secs = 4\ntimeout_secs = 9\n\
+             concurrency = 2\nclient_cert = \"tls/client.pem\"\nclient_key = \"tls/client-key.pem\"\n"
+        );
+        let config = parse(&text).unwrap();
+        let engine = &config.delivery.engine;
+        assert_eq!(engine.poll_interval, Duration::from_millis(50));
+        assert_eq!(engine.fanout_batch, 32);
+        assert_eq!(engine.fanout_coalesce, Duration::from_millis(5));
+        assert_eq!(engine.backoff.base, Duration::from_millis(200));
+        assert_eq!(engine.backoff.cap, Duration::from_secs(60));
+        assert_eq!(engine.breaker.failures, 3);
+        assert_eq!(engine.breaker.open_for, Duration::from_secs(5));
+        assert_eq!(engine.max_age, Duration::from_secs(86_400));
+        assert_eq!(engine.max_attempts, Some(12));
+        assert_eq!(engine.response_keep_bytes, 1024);
+        assert_eq!(engine.lease_margin, Duration::from_secs(4));
+        assert_eq!(config.delivery.timeout, Duration::from_secs(9));
+        assert_eq!(config.delivery.concurrency, 2);
+        assert_eq!(
+            config.delivery.client_cert.as_deref(),
+            Some(Path::new("/etc/caregate/tls/client.pem"))
+        );
+    }
+
+    #[test]
+    fn delivery_section_errors_name_the_field_and_line() {
+        let unknown = parse(&format!("{MINIMAL}\n[delivery]\nbackof_base_ms = 5\n")).unwrap_err();
+        assert!(
+            unknown
+                .to_string()
+                .contains("unknown field `backof_base_ms`"),
+            "{unknown}"
+        );
+        assert_eq!(unknown.line, Some(15), "{unknown}");
+
+        // `timeout_secs` also appears in [limits]; the line is the one in [delivery].
+        let text = format!(
+            "{MINIMAL}\n[limits]\nrequest_timeout_secs = 30\n\n[delivery]\ntimeout_secs = 0\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("delivery.timeout_secs"));
+        assert_eq!(err.line, Some(18), "{err}");
+        assert!(err.to_string().contains("between 1 and 600"), "{err}");
+
+        let err = parse(&format!(
+            "{MINIMAL}\n[delivery]\nbackoff_base_ms = 5000\nbackoff_max_secs = 2\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("delivery.backoff_max_secs"));
+        assert!(err.to_string().contains("backoff_base_ms"), "{err}");
+
+        for (key, value) in [
+            ("breaker_failures", "0"),
+            ("max_attempts", "0"),
+            ("poll_interval_ms", "1"),
+            ("max_age_secs", "5"),
+            ("concurrency", "0"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[delivery]\n{key} = {value}\n")).unwrap_err();
+            assert_eq!(err.field, Some(format!("delivery.{key}")), "{err}");
+            assert_eq!(err.line, Some(15), "{err}");
+        }
+
+        let err = parse(&format!(
+            "{MINIMAL}\n[delivery]\nclient_cert = \"client.pem\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("delivery.client_cert"));
+        assert!(err.to_string().contains("`client_key` is not"), "{err}");
+    }
+
+    #[test]
+    fn partner_delivery_overrides_are_checked_and_paths_resolved() {
+        let push = "[partner.delivery]\nmode = \"push\"\nendpoint = \"https://gp.example/fhir\"\n";
+        let err = parse(&format!("{MINIMAL}\n{push}concurrency = 0\n")).unwrap_err();
+        assert_eq!(
+            err.field.as_deref(),
+            Some("partner[0].delivery.concurrency")
+        );
+        let err = parse(&format!("{MINIMAL}\n{push}client_key = \"k.pem\"\n")).unwrap_err();
+        assert_eq!(
+            err.field.as_deref(),
+            Some("partner[0].delivery.client_cert")
+        );
+        let err = parse(&format!("{MINIMAL}\n{push}timeout_secs = 601\n")).unwrap_err();
+        assert_eq!(
+            err.field.as_deref(),
+            Some("partner[0].delivery.timeout_secs")
+        );
+        let config = parse(&format!(
+            "{MINIMAL}\n{push}client_cert = \"c.pem\"\nclient_key = \"k.pem\"\nconcurrency = 8\n"
+        ))
+        .unwrap();
+        let delivery = &config.partners[0].delivery;
+        assert_eq!(
+            delivery.client_cert.as_deref(),
+            Some(Path::new("/etc/caregate/c.pem"))
+        );
+        assert_eq!(delivery.concurrency, Some(8));
     }
 }

@@ -15,17 +15,18 @@
 //! The inbox is always the caller's own — the partner id comes from the token, never from the
 //! request — and a partner whose delivery mode is not `inbox` gets 403.
 //!
-//! **Admin.** [`admin_routes`] gives `GET /deliveries/status`, `GET /deliveries/dead-letters`
-//! and `POST /deliveries/replay` as a router to merge into the admin listener (which does the
-//! operators' authentication).
+//! **Admin.** [`admin_routes`] gives `GET /admin/deliveries/status`,
+//! `GET /admin/deliveries/dead-letters` and `POST /admin/deliveries/replay`; `crate::admin` merges
+//! them into the admin listener behind its authentication (IG officers' sessions with CSRF for the
+//! POST, or partners with the `ig-officer` role) and its audit-per-request edge.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Extension, Query, State};
+use axum::Router;
+use axum::extract::{Extension, Query, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use caregate_audit::Action;
 use caregate_auth::ScopeSet;
 use caregate_deliver::inbox::{DEFAULT_PAGE, MAX_PAGE};
@@ -43,22 +44,11 @@ use crate::context::RequestCtx;
 use crate::error::{ApiError, fhir_response};
 
 /// The delivery destinations the configuration implies: one per partner whose mode is `push` or
-/// `inbox`, certificate paths resolved against the config file's directory.
+/// `inbox`. A partner's own `ca_cert`, `timeout_secs` and `concurrency` replace the `[delivery]`
+/// defaults; its own `client_cert`/`client_key` pair replaces the gateway-wide mTLS identity
+/// (paths were resolved against the config file's directory when it was loaded).
 pub fn destinations(config: &Config) -> Vec<DestinationConfig> {
-    let base = config
-        .path
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .to_owned();
-    let resolve = |path: &Option<std::path::PathBuf>| {
-        path.as_ref().map(|path| {
-            if path.is_absolute() {
-                path.clone()
-            } else {
-                base.join(path)
-            }
-        })
-    };
+    let defaults = &config.delivery;
     config
         .partners
         .iter()
@@ -72,14 +62,19 @@ pub fn destinations(config: &Config) -> Vec<DestinationConfig> {
                 DeliveryMode::Inbox => DestinationConfig::inbox(&partner.id),
                 DeliveryMode::None => return None,
             };
-            destination.tls = PushTls {
-                ca_cert: resolve(&section.ca_cert),
-                client_cert: resolve(&section.client_cert),
-                client_key: resolve(&section.client_key),
+            let (client_cert, client_key) = match (&section.client_cert, &section.client_key) {
+                (Some(cert), Some(key)) => (Some(cert.clone()), Some(key.clone())),
+                _ => (defaults.client_cert.clone(), defaults.client_key.clone()),
             };
-            if let Some(secs) = section.timeout_secs {
-                destination.timeout = Duration::from_secs(secs.max(1));
-            }
+            destination.tls = PushTls {
+                ca_cert: section.ca_cert.clone().or_else(|| defaults.ca_cert.clone()),
+                client_cert,
+                client_key,
+            };
+            destination.timeout = section
+                .timeout_secs
+                .map_or(defaults.timeout, Duration::from_secs);
+            destination.concurrency = section.concurrency.unwrap_or(defaults.concurrency);
             Some(destination)
         })
         .collect()
@@ -305,65 +300,171 @@ struct AdminDeliveries {
     store: Arc<dyn Store>,
 }
 
-/// Operators' delivery API, to merge into the admin router (which authenticates operators):
-/// - `GET /deliveries/status[?partner=ID]` — queue depth, oldest undelivered age, last failure;
-/// - `GET /deliveries/dead-letters[?partner=ID&after=ID&limit=N]`;
-/// - `POST /deliveries/replay` with `{"id": N}` or `{"partner": "ID"}` — audited.
+/// The operator acting in an admin request: set by the admin listener's authentication
+/// (`crate::admin`) before these handlers run — an IG officer signed in to the console, or a
+/// partner system with the `ig-officer` role. Recorded as the actor of the request's audit event.
+#[derive(Debug, Clone)]
+pub struct Operator(pub caregate_audit::Actor);
+
+/// Operators' delivery API, merged into the admin listener behind its authentication (every
+/// request audited by the admin edge):
+/// - `GET /admin/deliveries/status[?partner=ID]` — queue depth, oldest undelivered age, last failure;
+/// - `GET /admin/deliveries/dead-letters[?partner=ID&after=ID&limit=N]`;
+/// - `POST /admin/deliveries/replay` with `{"id": N}` or `{"partner": "ID"}` — the replay and its
+///   audit event in one commit.
 pub fn admin_routes<S: Clone + Send + Sync + 'static>(store: Arc<dyn Store>) -> Router<S> {
     Router::new()
-        .route("/deliveries/status", get(admin_status))
-        .route("/deliveries/dead-letters", get(admin_dead_letters))
-        .route("/deliveries/replay", post(admin_replay))
+        .route("/admin/deliveries/status", get(admin_status))
+        .route("/admin/deliveries/dead-letters", get(admin_dead_letters))
+        .route("/admin/deliveries/replay", post(admin_replay))
         .with_state(AdminDeliveries { store })
 }
 
-#[derive(Debug, Deserialize)]
-struct PartnerFilter {
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusParams {
     partner: Option<String>,
-    after: Option<i64>,
-    limit: Option<usize>,
 }
 
-fn admin_failure(error: caregate_deliver::DeliverError) -> Response {
-    tracing::warn!(%error, "admin delivery request failed");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({ "error": "the store cannot answer right now" })),
-    )
-        .into_response()
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterParams {
+    partner: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// 400 with an OperationOutcome naming what is wrong (never echoing record data).
+fn bad_request(message: String) -> ApiError {
+    ApiError::Rejected(caregate_fhir::validate::Rejection {
+        kind: caregate_fhir::validate::RejectionKind::Structure,
+        outcome: caregate_fhir::OperationOutcome::single(caregate_fhir::Issue::request(
+            caregate_fhir::IssueCode::Value,
+            message,
+        )),
+    })
+}
+
+/// A partner id as the configuration allows them (`[[partner]] id`).
+fn partner_param(value: Option<&str>) -> Result<Option<String>, ApiError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(id)
+            if id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            Ok(Some(id.to_owned()))
+        }
+        Some(_) => Err(bad_request(
+            "partner: expected a partner id (1-64 letters, digits, '-' or '_')".into(),
+        )),
+    }
+}
+
+fn query<T: serde::de::DeserializeOwned + Default>(raw: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|error| bad_request(format!("query parameters: {error}")))
+}
+
+fn json_ok(body: &Value) -> Response {
+    let mut response = (StatusCode::OK, body.to_string()).into_response();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn deliver_error(error: caregate_deliver::DeliverError) -> ApiError {
+    match error {
+        caregate_deliver::DeliverError::Store(error) => error.into(),
+        other => {
+            tracing::error!(error = %other, "admin delivery request failed");
+            ApiError::Internal
+        }
+    }
+}
+
+fn operator_of(operator: Option<Extension<Operator>>) -> Result<caregate_audit::Actor, ApiError> {
+    // Defence in depth: these routes are only mounted behind the admin authentication.
+    operator
+        .map(|Extension(Operator(actor))| actor)
+        .ok_or_else(|| ApiError::Forbidden {
+            message: "the delivery API is served on the admin listener only".into(),
+        })
 }
 
 async fn admin_status(
     State(admin): State<AdminDeliveries>,
-    Query(filter): Query<PartnerFilter>,
-) -> Response {
-    match operations::status(admin.store.as_ref(), filter.partner.as_deref()).await {
-        Ok(report) => Json(json!({ "destinations": report })).into_response(),
-        Err(error) => admin_failure(error),
-    }
+    Extension(ctx): Extension<RequestCtx>,
+    operator: Option<Extension<Operator>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    ctx.set_action(Action::Metadata);
+    ctx.set_detail("delivery status");
+    operator_of(operator)?;
+    let params: StatusParams = query(raw.as_deref())?;
+    let partner = partner_param(params.partner.as_deref())?;
+    let report = operations::status(admin.store.as_ref(), partner.as_deref())
+        .await
+        .map_err(deliver_error)?;
+    Ok(json_ok(&json!({ "destinations": report })))
 }
 
 async fn admin_dead_letters(
     State(admin): State<AdminDeliveries>,
-    Query(filter): Query<PartnerFilter>,
-) -> Response {
-    let limit = filter.limit.unwrap_or(100);
-    match operations::dead_letters(
-        admin.store.as_ref(),
-        filter.partner.as_deref(),
-        filter.after.unwrap_or(0),
-        limit,
-    )
-    .await
+    Extension(ctx): Extension<RequestCtx>,
+    operator: Option<Extension<Operator>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    ctx.set_action(Action::Metadata);
+    ctx.set_detail("delivery dead letters");
+    operator_of(operator)?;
+    let params: DeadLetterParams = query(raw.as_deref())?;
+    let partner = partner_param(params.partner.as_deref())?;
+    let after = match params
+        .after
+        .as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
     {
-        Ok(letters) => {
-            let next = (letters.len() >= limit.clamp(1, operations::MAX_DEAD_LETTERS))
-                .then(|| letters.last().map(|letter| letter.id))
-                .flatten();
-            Json(json!({ "dead_letters": letters, "next_after": next })).into_response()
-        }
-        Err(error) => admin_failure(error),
-    }
+        None => 0,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|after| *after >= 0)
+            .ok_or_else(|| bad_request("after: expected a dead-letter id (0 or more)".into()))?,
+    };
+    let limit = match params
+        .limit
+        .as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        None => 100,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=operations::MAX_DEAD_LETTERS).contains(limit))
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "limit: expected a number from 1 to {}",
+                    operations::MAX_DEAD_LETTERS
+                ))
+            })?,
+    };
+    let letters = operations::dead_letters(admin.store.as_ref(), partner.as_deref(), after, limit)
+        .await
+        .map_err(deliver_error)?;
+    ctx.set_detail(format!("delivery dead letters: {} listed", letters.len()));
+    let next = (letters.len() >= limit)
+        .then(|| letters.last().map(|letter| letter.id))
+        .flatten();
+    Ok(json_ok(
+        &json!({ "dead_letters": letters, "next_after": next }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,31 +476,44 @@ struct ReplayRequest {
 
 async fn admin_replay(
     State(admin): State<AdminDeliveries>,
-    ctx: Option<Extension<RequestCtx>>,
-    Json(request): Json<ReplayRequest>,
-) -> Response {
-    let selector = match (request.id, request.partner) {
+    Extension(ctx): Extension<RequestCtx>,
+    operator: Option<Extension<Operator>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    ctx.set_action(Action::DeliveryReplay);
+    let actor = operator_of(operator)?;
+    let usage =
+        "the body must be JSON {\"id\": <dead-letter id>} or {\"partner\": \"<partner id>\"}";
+    let request: ReplayRequest =
+        serde_json::from_slice(&body).map_err(|_| bad_request(usage.into()))?;
+    let selector = match (request.id, partner_param(request.partner.as_deref())?) {
         (Some(id), None) => ReplaySelector::One(id),
         (None, Some(partner)) => ReplaySelector::Partner(partner),
         _ => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({ "error": "give exactly one of id or partner" })),
-            )
-                .into_response();
+            return Err(bad_request(format!(
+                "give exactly one of id or partner: {usage}"
+            )));
         }
     };
-    let (request_id, operator) = match &ctx {
-        Some(Extension(ctx)) => (
-            ctx.request_id.to_string(),
-            ctx.actor()
-                .client_id
-                .unwrap_or_else(|| "admin-api".to_owned()),
-        ),
-        None => (uuid::Uuid::new_v4().to_string(), "admin-api".to_owned()),
-    };
-    match operations::replay(admin.store.as_ref(), selector, &request_id, &operator).await {
-        Ok(replayed) => Json(json!({ "replayed": replayed })).into_response(),
-        Err(error) => admin_failure(error),
+    ctx.set_detail(operations::describe(&selector));
+    if let ReplaySelector::One(id) = selector
+        && !operations::is_dead_letter(admin.store.as_ref(), id)
+            .await
+            .map_err(deliver_error)?
+    {
+        ctx.set_detail(format!("replay dead letter {id}: not a dead letter"));
+        return Err(ApiError::NotFound);
     }
+    // The request's own audit event, written in the same commit as the replay.
+    let mut event = ctx.audit_event(StatusCode::OK.as_u16());
+    event.actor = caregate_audit::Actor {
+        remote_addr: event.actor.remote_addr.clone(),
+        ..actor
+    };
+    let replayed = operations::replay_audited(admin.store.as_ref(), selector, event)
+        .await
+        .map_err(deliver_error)?;
+    let mut response = json_ok(&json!({ "replayed": replayed }));
+    response.extensions_mut().insert(crate::context::Audited);
+    Ok(response)
 }

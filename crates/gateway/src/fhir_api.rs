@@ -25,6 +25,7 @@ use http_body_util::{BodyExt as _, Limited};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tracing::Instrument as _;
 
 use crate::app::{AppState, Caller, SharedState};
 use crate::context::{Audited, RequestCtx};
@@ -157,6 +158,7 @@ fn prepare(
             .collect();
         rules.sort();
         rules.dedup();
+        crate::metrics::global().decision(&rules);
         (d.policy_version.clone(), rules)
     });
     let decision = decision.and_then(|d| serde_json::to_vec(&d).ok());
@@ -203,6 +205,54 @@ fn create_content_key(resource: &mut ValidatedResource) -> String {
     )
 }
 
+/// The validate stage: strict JSON, schema, FHIR/UK rules (`caregate_fhir::Validator`). Its span
+/// names the expected type and the body size only.
+#[tracing::instrument(
+    target = "caregate::stage",
+    name = "validate",
+    skip_all,
+    fields(resource_type = expected.map(|t| t.as_str()), bytes = bytes.len(), outcome)
+)]
+fn validate(
+    state: &AppState,
+    bytes: &[u8],
+    expected: Option<ResourceType>,
+) -> Result<Validated, Rejection> {
+    let result = state.validator.validate_bytes(bytes, expected);
+    let outcome = match &result {
+        Ok(_) => "valid",
+        Err(rejection) => match rejection.kind {
+            RejectionKind::Structure => "invalid",
+            RejectionKind::BusinessRule => "business-rule",
+            RejectionKind::NotSupported => "not-supported",
+        },
+    };
+    tracing::Span::current().record("outcome", outcome);
+    result
+}
+
+/// The commit stage: one `Store::submit`, which returns only once durable. Its span holds the
+/// counts of records and audit events and the outcome.
+#[tracing::instrument(
+    target = "caregate::stage",
+    name = "commit",
+    skip_all,
+    fields(records = submission.records.len(), audit_events = submission.audit.len(), outcome)
+)]
+async fn commit(
+    store: &dyn caregate_store::Store,
+    submission: Submission,
+) -> Result<Receipt, caregate_store::StoreError> {
+    let result = store.submit(submission).await;
+    let outcome = match &result {
+        Ok(receipt) if receipt.replayed => "replayed",
+        Ok(_) => "committed",
+        Err(_) => "failed",
+    };
+    tracing::Span::current().record("outcome", outcome);
+    result
+}
+
 /// Commit one prepared record with its audit event, let the consent registry learn from it, and
 /// answer as FHIR asks for a single-resource write.
 async fn commit_one(
@@ -221,7 +271,7 @@ async fn commit_one(
         records: vec![prepared.write],
         audit: vec![event],
     };
-    let receipt = state.store.submit(submission).await?;
+    let receipt = commit(&*state.store, submission).await?;
     learn(state, &caller.partner.id, [&prepared.resource]);
     let entry = single_receipt(&receipt)?;
     Ok(resource_response(
@@ -406,10 +456,7 @@ pub(crate) async fn create(
     let resource_type = resource_type_from_path(&type_name)?;
     caller.require(resource_type.as_str(), Interaction::Create)?;
     let bytes = read_body(&headers, body, state.limits.max_body_bytes).await?;
-    let Validated::Resource(mut resource) = state
-        .validator
-        .validate_bytes(&bytes, Some(resource_type))?
-    else {
+    let Validated::Resource(mut resource) = validate(&state, &bytes, Some(resource_type))? else {
         return Err(ApiError::Internal);
     };
     ctx.set_patient(resource.nhs_number().map(|n| n.as_str()));
@@ -455,10 +502,7 @@ pub(crate) async fn update(
     }
     let if_match = parse_if_match(&headers)?;
     let bytes = read_body(&headers, body, state.limits.max_body_bytes).await?;
-    let Validated::Resource(resource) = state
-        .validator
-        .validate_bytes(&bytes, Some(resource_type))?
-    else {
+    let Validated::Resource(resource) = validate(&state, &bytes, Some(resource_type))? else {
         return Err(ApiError::Internal);
     };
     if resource.id() != Some(id.as_str()) {
@@ -565,10 +609,7 @@ pub(crate) async fn submit_bundle(
 ) -> Result<Response, ApiError> {
     ctx.set_action(Action::BundleSubmit);
     let bytes = read_body(&headers, body, state.limits.max_body_bytes).await?;
-    let Validated::Bundle(bundle) = state
-        .validator
-        .validate_bytes(&bytes, Some(ResourceType::Bundle))?
-    else {
+    let Validated::Bundle(bundle) = validate(&state, &bytes, Some(ResourceType::Bundle))? else {
         return Err(ApiError::Internal);
     };
     match bundle {
@@ -683,7 +724,7 @@ async fn transaction(
         records,
         audit,
     };
-    let receipt = state.store.submit(submission).await?;
+    let receipt = commit(&*state.store, submission).await?;
     learn(
         state,
         &caller.partner.id,
@@ -771,7 +812,9 @@ async fn batch(
                 pending.push((
                     index,
                     resource,
-                    tokio::spawn(async move { store.submit(submission).await }),
+                    tokio::spawn(
+                        async move { commit(&*store, submission).await }.in_current_span(),
+                    ),
                 ));
             }
         }

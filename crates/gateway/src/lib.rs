@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod break_glass;
 pub mod bulk_export;
 pub mod capability;
 pub mod config;
@@ -17,8 +18,10 @@ pub mod context;
 pub mod deliveries_api;
 pub mod error;
 pub mod fhir_api;
+pub mod metrics;
 pub mod policy_stage;
 pub mod runtime;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod token;

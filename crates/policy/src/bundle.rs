@@ -30,6 +30,7 @@ use time::Date;
 
 use crate::codes::{CodeIndex, CodeListFile, SensitiveCodeList};
 use crate::error::PolicyError;
+use crate::evaluation::{AnswerMemo, ScopeSlices};
 use crate::partner::{PartnerId, PartnerKind, PartnerRef};
 
 pub(crate) const SCHEMA_FILE: &str = "caregate.cedarschema";
@@ -164,6 +165,9 @@ pub(crate) struct RuleInfo {
 /// `Arc` to hot-reload.
 pub struct PolicyBundle {
     pub(crate) version: String,
+    /// The whole policy set; decisions use `scope_slices`, the reference evaluation in the
+    /// equivalence tests uses this.
+    #[cfg(test)]
     pub(crate) policies: PolicySet,
     pub(crate) entities: Entities,
     pub(crate) authorizer: Authorizer,
@@ -177,6 +181,10 @@ pub struct PolicyBundle {
     pub(crate) rules: HashMap<PolicyId, RuleInfo>,
     pub(crate) actions: [EntityUid; 2],
     pub(crate) ics_name: String,
+    /// Per (partner, purpose, agreement), the policies whose scope matches (`evaluation.rs`).
+    pub(crate) scope_slices: ScopeSlices,
+    /// Cedar's answers for recent situations (`evaluation.rs`); starts empty with each load.
+    pub(crate) answer_memo: AnswerMemo,
 }
 
 impl fmt::Debug for PolicyBundle {
@@ -286,8 +294,11 @@ impl PolicyBundle {
         let entities = build_entities(&partners, &agreements, &schema)?;
         let actions = [action_uid("direct-care")?, action_uid("secondary-use")?];
         let code_index = CodeIndex::build(&code_lists);
+        let scope_slices =
+            ScopeSlices::build(&policies, &entities, &partners, &agreements, &actions)?;
         Ok(Self {
             version: files.version(),
+            #[cfg(test)]
             policies,
             entities,
             authorizer: Authorizer::new(),
@@ -301,6 +312,8 @@ impl PolicyBundle {
             rules,
             actions,
             ics_name: ics.ics.name,
+            scope_slices,
+            answer_memo: AnswerMemo::default(),
         })
     }
 }

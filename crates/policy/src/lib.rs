@@ -9,11 +9,13 @@
 //! - [`ConsentRegistry`] — National Data Opt-out cache, Type 1 opt-outs, FHIR Consent, care
 //!   relationships, in memory; read per patient through a [`ConsentView`];
 //! - [`RecordFacts`] — what the policy needs from a [`caregate_fhir::ValidatedResource`];
-//! - [`decide`] → [`Decision`], and [`explain`] in words an IG officer understands;
+//! - [`decide`] → [`Decision`] (Cedar's answers memoised per situation; [`decide_uncached`]
+//!   always asks Cedar), and [`explain`] in words an IG officer understands;
 //! - [`run_policy_tests`] — the table-driven cases in `policies/tests/*.toml`.
 //!
 //! Architecture invariant: this crate does no I/O except reading the bundle and test files it
-//! is pointed at; [`decide`] is pure and deterministic.
+//! is pointed at; [`decide`] is pure and deterministic (the bundle's memo of Cedar answers is
+//! invisible in its results: `decision::equivalence` proves it).
 //! Architecture invariant: no patient identifier appears in an error, a `Debug` output or an
 //! explanation.
 
@@ -22,6 +24,7 @@ mod codes;
 mod consent;
 mod decision;
 mod error;
+mod evaluation;
 mod facts;
 mod partner;
 mod scenario;
@@ -34,7 +37,7 @@ pub use consent::{
 };
 pub use decision::{
     Decision, Delivery, FeedDecision, RULE_BREAK_GLASS, RULE_NO_AGREEMENT, RULE_NO_PERMIT,
-    RULE_NO_RELATIONSHIP, RULE_POLICY_ERROR, Withheld, decide, explain,
+    RULE_NO_RELATIONSHIP, RULE_POLICY_ERROR, Withheld, decide, decide_uncached, explain,
 };
 pub use error::{ConsentError, PolicyError};
 pub use facts::{

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 pub mod delivery;
+pub mod postgres;
 pub mod sqlite;
 
 /// A position in the committed log. Starts at 1; 0 means "before the first entry".

@@ -309,12 +309,21 @@ impl SqliteStore {
         let health = Arc::new(Health::default());
         let (jobs, queue) = mpsc::channel(max_batch.saturating_mul(QUEUE_BATCHES));
         let tree = AuditTree::load(&conn, options.audit_signing.clone()).map_err(opening_error)?;
+        let (stop_checkpointer, checkpointer_stop) = std::sync::mpsc::channel();
+        let checkpointer = Checkpointer::open(&path, checkpointer_stop).map_err(opening_error)?;
+        let checkpointer = std::thread::Builder::new()
+            .name("caregate-store-checkpointer".to_owned())
+            .spawn(move || checkpointer.run())
+            .map_err(|error| {
+                StoreError::Failed(format!("cannot start the store checkpoint thread: {error}"))
+            })?;
         let writer = Writer {
             conn,
             queue,
             max_batch,
             health: Arc::clone(&health),
             tree,
+            checkpointer: Some((stop_checkpointer, checkpointer)),
         };
         let writer = std::thread::Builder::new()
             .name("caregate-store-writer".to_owned())
@@ -338,6 +347,16 @@ impl SqliteStore {
             submissions: self.health.submissions.load(Ordering::Relaxed),
             commits: self.health.commits.load(Ordering::Relaxed),
         }
+    }
+
+    /// Total time the writer spent in batch transactions (statements and fsync), for metrics.
+    pub fn commit_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.health.commit_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Whether the store has fail-stopped (it refuses every write until restart), for readiness.
+    pub fn has_failed(&self) -> bool {
+        self.health.poisoned.get().is_some()
     }
 
     /// Stop taking requests, let the writer commit everything already queued, and wait for it to
@@ -628,6 +647,17 @@ struct Health {
     poisoned: OnceLock<String>,
     submissions: AtomicU64,
     commits: AtomicU64,
+    /// Time spent in batch transactions (statements and the `COMMIT`'s fsync), for metrics.
+    commit_nanos: AtomicU64,
+}
+
+/// Run `work`, adding its duration to `total`.
+fn timed<T>(total: &AtomicU64, work: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let result = work();
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    total.fetch_add(nanos, Ordering::Relaxed);
+    result
 }
 
 impl Health {
@@ -773,7 +803,65 @@ fn open_writer(path: &Path) -> Result<Connection, Fault> {
     // FULL: in WAL mode every commit fsyncs the WAL, so a commit survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Each request runs in its own SAVEPOINT; their statement journals stay in memory instead of
+    // a temporary file written on every request (profiled: ~9 % of the writer's time).
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Checkpoints run on their own thread ([`Checkpointer`]) between commits; the writer checkpoints
+    // only as a backstop when the WAL has grown this large (pages), which also lets the WAL file
+    // restart from its beginning under sustained load.
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
     Ok(conn)
+}
+
+/// The writer's own checkpoint threshold (pages): a backstop behind the [`Checkpointer`].
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 8_000;
+
+/// How often the [`Checkpointer`] copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Copies committed pages from the WAL into the database file (`PRAGMA wal_checkpoint(PASSIVE)`)
+/// on its own connection and thread, so the writer spends its time on commits. A passive
+/// checkpoint never blocks the writer or readers and only copies what is committed; durability
+/// does not depend on it (a commit is durable once its WAL frames are fsynced). Stops when its
+/// channel is closed (the writer, before its final checkpoint at shutdown).
+struct Checkpointer {
+    conn: Connection,
+    stop: std::sync::mpsc::Receiver<()>,
+}
+
+impl Checkpointer {
+    fn open(path: &Path, stop: std::sync::mpsc::Receiver<()>) -> Result<Self, Fault> {
+        let conn = Connection::open(path)?;
+        skip_checkpoint_on_close(&conn)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(Self { conn, stop })
+    }
+
+    fn run(self) {
+        let mut failing = false;
+        loop {
+            match self.stop.recv_timeout(CHECKPOINT_EVERY) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            let result = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                    row.get::<_, i64>(0)
+                });
+            match result {
+                Ok(_) => failing = false,
+                // Said once per run of failures (e.g. a full disk); the WAL keeps everything
+                // committed and the writer's backstop tries again.
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "background WAL checkpoint failed");
+                }
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 fn open_reader(path: &Path) -> Result<Connection, Fault> {
@@ -787,6 +875,10 @@ fn open_reader(path: &Path) -> Result<Connection, Fault> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
 }
+
+/// Stands in for a recorded leaf hash that is not 32 bytes long, so the verifier reports the event
+/// as altered (`LeafMismatch`): no event's leaf hash is all zeros in practice (SHA-256 preimage).
+pub(crate) const DAMAGED_LEAF: caregate_audit::Hash = caregate_audit::Hash::from_bytes([0; 32]);
 
 /// The result of [`verify_audit`]: the Merkle verification, plus events whose query columns
 /// disagree with the hashed event (an edit to a copied column the hash does not cover).
@@ -863,10 +955,10 @@ pub fn verify_audit(
         let leaf: Vec<u8> = row.get(2).map_err(fail)?;
         let seq_u = u64::try_from(seq).unwrap_or(0);
         let canonical = caregate_audit::event_hash::CanonicalEvent(event.as_bytes());
-        match caregate_audit::Hash::from_slice(&leaf) {
-            Some(leaf) => log.push_with_recorded_leaf(seq_u, &canonical, leaf),
-            None => log.push(seq_u, &canonical),
-        }
+        // A recorded leaf that is not a hash at all (wrong length) was damaged: it must be named
+        // like any other altered leaf, never silently replaced by the recomputed one.
+        let recorded = caregate_audit::Hash::from_slice(&leaf).unwrap_or(DAMAGED_LEAF);
+        log.push_with_recorded_leaf(seq_u, &canonical, recorded);
         let columns: [Option<String>; 7] = [
             row.get(3).map_err(fail)?,
             row.get(4).map_err(fail)?,
@@ -1100,13 +1192,31 @@ impl AuditTree {
         frontier: &Frontier,
         clock: &BatchClock,
     ) -> Result<Option<Checkpoint>, Fault> {
+        self.sign_checkpoint(conn, frontier, clock, false)
+    }
+
+    /// Sign and insert a checkpoint for `frontier` when it is due or, with `seal`, whenever it
+    /// covers events the last checkpoint does not (at a clean shutdown, so that every event
+    /// written is attested by a signed checkpoint).
+    fn sign_checkpoint(
+        &self,
+        conn: &Connection,
+        frontier: &Frontier,
+        clock: &BatchClock,
+        seal: bool,
+    ) -> Result<Option<Checkpoint>, Fault> {
         let Some(signing) = &self.signing else {
             return Ok(None);
         };
-        if !signing
-            .schedule
-            .is_due(self.last_checkpoint.as_ref(), frontier.size(), clock.at)
-        {
+        let newer = frontier.size() > self.last_checkpoint.as_ref().map_or(0, |last| last.size);
+        let due = if seal {
+            newer
+        } else {
+            signing
+                .schedule
+                .is_due(self.last_checkpoint.as_ref(), frontier.size(), clock.at)
+        };
+        if !due {
             return Ok(None);
         }
         let checkpoint = Checkpoint {
@@ -1135,6 +1245,8 @@ struct Writer {
     max_batch: usize,
     health: Arc<Health>,
     tree: AuditTree,
+    /// The background checkpoint thread, stopped before the final checkpoint at shutdown.
+    checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Writer {
@@ -1152,8 +1264,38 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
+        if let Some((stop, thread)) = self.checkpointer.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        self.seal_audit();
         self.checkpoint();
         tracing::debug!("store writer finished");
+    }
+
+    /// At a clean shutdown, sign a checkpoint over every audit event written since the last one,
+    /// so an offline `caregate audit verify` finds the whole log attested. Skipped once poisoned.
+    fn seal_audit(&mut self) {
+        if self.health.check().is_err() {
+            return;
+        }
+        let result = BatchClock::now().and_then(|clock| {
+            self.tree
+                .sign_checkpoint(&self.conn, &self.tree.frontier, &clock, true)
+        });
+        match result {
+            Ok(Some(checkpoint)) => {
+                tracing::debug!(
+                    size = checkpoint.size,
+                    "audit checkpoint signed at shutdown"
+                );
+                self.tree.last_checkpoint = Some(checkpoint);
+            }
+            Ok(None) => {}
+            Err(fault) => {
+                tracing::warn!(error = %fault, "audit checkpoint at shutdown failed");
+            }
+        }
     }
 
     /// Copy the WAL into the database file and empty it, so that after a clean shutdown
@@ -1189,7 +1331,9 @@ impl Writer {
 
         let answers = match self.health.check() {
             Err(error) => works.iter().map(|_| Err(duplicate(&error))).collect(),
-            Ok(()) => match apply_batch(&mut self.conn, &works, &mut self.tree) {
+            Ok(()) => match timed(&self.health.commit_nanos, || {
+                apply_batch(&mut self.conn, &works, &mut self.tree)
+            }) {
                 Ok(answers) => {
                     self.health.commits.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(requests = works.len(), "store batch committed");
@@ -1753,5 +1897,38 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |row| row.get(0))
             .unwrap();
         assert_eq!(mode, "wal", "WAL is persistent in the file");
+    }
+
+    #[test]
+    fn a_clean_close_signs_a_checkpoint_over_every_audit_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Arc::new(CheckpointSigner::generate("caregate.test/seal").unwrap());
+        let options = SqliteOptions {
+            audit_signing: Some(AuditSigning {
+                signer: signer.clone(),
+                // Due only every 1000 events or hourly: without the seal, events 2..=3 would
+                // stay unattested after this short run.
+                schedule: CheckpointSchedule {
+                    every_events: std::num::NonZeroU64::new(1000).unwrap(),
+                    every: time::Duration::seconds(3600),
+                },
+            }),
+            ..SqliteOptions::default()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = SqliteStore::open(dir.path(), options).unwrap();
+        for n in 0..3 {
+            runtime
+                .block_on(store.submit(submission(&format!("o{n}"), vec![b'x'; 40 + n])))
+                .unwrap();
+        }
+        runtime.block_on(store.close()).unwrap();
+        let verification = verify_audit(dir.path(), &signer.verifier(), &[]).unwrap();
+        assert!(verification.is_ok(), "{verification:?}");
+        assert_eq!(verification.report.events, 3);
+        assert_eq!(verification.report.attested_size, 3, "{verification:?}");
     }
 }

@@ -1,11 +1,16 @@
 //! The audit log's tamper evidence as the store keeps it (DOMAIN.md B2 `T1`, `T2`): every event
 //! gets its RFC 9162 leaf in the same commit, checkpoints are signed on schedule, and offline
 //! verification detects an edited, deleted or truncated event and an edited query column.
+//!
+//! The untouched-log test runs on both backends; the tampering tests edit the SQLite file
+//! directly (their PostgreSQL twins, editing rows with SQL, are in `postgres_store.rs`).
 
 #![allow(
     clippy::unwrap_used,
     reason = "test helpers: a failure is a broken test set-up"
 )]
+
+mod support;
 
 use std::num::NonZeroU64;
 use std::path::Path;
@@ -15,6 +20,7 @@ use caregate_audit::checkpoint::{CheckpointSchedule, CheckpointSigner};
 use caregate_audit::{Action, Actor, AuditEvent, Outcome};
 use caregate_store::sqlite::{AuditSigning, SqliteOptions, SqliteStore, verify_audit};
 use caregate_store::{Store, Submission};
+use support::{Backend, TestOptions};
 
 fn signer() -> Arc<CheckpointSigner> {
     Arc::new(CheckpointSigner::generate("caregate.test/audit").unwrap())
@@ -65,14 +71,32 @@ fn sql(dir: &Path, statement: &str) {
     conn.execute_batch(statement).unwrap();
 }
 
-#[tokio::test]
-async fn t1_untouched_log_verifies_against_its_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
+backend_tests!(t1_untouched_log_verifies_against_its_checkpoints);
+
+async fn t1_untouched_log_verifies_against_its_checkpoints<B: Backend>(backend: B) {
     let signer = signer();
-    write_events(dir.path(), &signer, 12).await;
-    // Reopening continues the same tree.
-    write_events(dir.path(), &signer, 3).await;
-    let result = verify_audit(dir.path(), &signer.verifier(), &[]).unwrap();
+    for count in [12, 3] {
+        // Reopening continues the same tree.
+        let store = backend
+            .open_with(TestOptions {
+                audit_signing: options(&signer).audit_signing,
+                ..TestOptions::default()
+            })
+            .await;
+        for n in 0..count {
+            store
+                .submit(Submission {
+                    partner: "gp".into(),
+                    idempotency_key: None,
+                    records: vec![],
+                    audit: vec![event(n)],
+                })
+                .await
+                .unwrap();
+        }
+        B::close(store).await;
+    }
+    let result = backend.verify(&signer.verifier()).await;
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(result.report.events, 15);
     assert_eq!(result.report.tree_size, 15);
@@ -97,6 +121,22 @@ async fn t1_edited_event_is_named() {
     let result = verify_audit(dir.path(), &signer.verifier(), &[]).unwrap();
     assert!(!result.is_ok());
     assert_eq!(result.report.first_bad_seq, Some(4));
+}
+
+/// Found by the `audit_verify` fuzz target: a recorded leaf of the wrong length was silently
+/// replaced by the recomputed one and the log reported as verified.
+#[tokio::test]
+async fn t1_malformed_recorded_leaf_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = signer();
+    write_events(dir.path(), &signer, 10).await;
+    sql(
+        dir.path(),
+        "UPDATE audit_events SET leaf_hash = x'0102030405060708090a0b0c0d0e0f10' WHERE seq = 1",
+    );
+    let result = verify_audit(dir.path(), &signer.verifier(), &[]).unwrap();
+    assert!(!result.is_ok(), "{result:?}");
+    assert_eq!(result.report.first_bad_seq, Some(1));
 }
 
 #[tokio::test]

@@ -1,18 +1,21 @@
-//! IG officers' queries over the SQLite audit log (DOMAIN.md `IGQ`): filters, keyset paging,
-//! break-glass selection, and review marks that are themselves audited (`LR-2`).
+//! IG officers' queries over the audit log (DOMAIN.md `IGQ`), on SQLite and PostgreSQL: filters,
+//! keyset paging, break-glass selection, and review marks that are themselves audited (`LR-2`).
 
 #![allow(
     clippy::unwrap_used,
     reason = "test helpers: a failure is a broken test set-up"
 )]
 
+mod support;
+
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use caregate_audit::checkpoint::{CheckpointSchedule, CheckpointSigner};
 use caregate_audit::{Action, Actor, AuditEvent, Entity, Outcome};
-use caregate_store::sqlite::{AuditSigning, SqliteOptions, SqliteStore, verify_audit};
+use caregate_store::sqlite::AuditSigning;
 use caregate_store::{AuditQuery, AuditReview, Store, StoreError, Submission};
+use support::{Backend, Sqlite, TestOptions};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
@@ -71,10 +74,15 @@ fn signer() -> Arc<CheckpointSigner> {
     Arc::new(CheckpointSigner::generate("caregate.test/audit").unwrap())
 }
 
-fn open(dir: &std::path::Path, signer: &Arc<CheckpointSigner>) -> SqliteStore {
-    SqliteStore::open(
-        dir,
-        SqliteOptions {
+backend_tests!(
+    igq_filters_combine_with_and,
+    igq_keyset_paging_visits_every_event_once,
+    lr_2_break_glass_queue_and_audited_reviews,
+);
+
+async fn open<B: Backend>(backend: &B, signer: &Arc<CheckpointSigner>) -> B::Store {
+    backend
+        .open_with(TestOptions {
             audit_signing: Some(AuditSigning {
                 signer: signer.clone(),
                 schedule: CheckpointSchedule {
@@ -82,14 +90,13 @@ fn open(dir: &std::path::Path, signer: &Arc<CheckpointSigner>) -> SqliteStore {
                     every: time::Duration::seconds(3600),
                 },
             }),
-            ..SqliteOptions::default()
-        },
-    )
-    .unwrap()
+            ..TestOptions::default()
+        })
+        .await
 }
 
-async fn store_with_fixture(dir: &std::path::Path, signer: &Arc<CheckpointSigner>) -> SqliteStore {
-    let store = open(dir, signer);
+async fn store_with_fixture<B: Backend>(backend: &B, signer: &Arc<CheckpointSigner>) -> B::Store {
+    let store = open(backend, signer).await;
     for event in fixture() {
         store
             .submit(Submission {
@@ -104,15 +111,13 @@ async fn store_with_fixture(dir: &std::path::Path, signer: &Arc<CheckpointSigner
     store
 }
 
-async fn seqs(store: &SqliteStore, query: AuditQuery) -> Vec<i64> {
+async fn seqs(store: &impl Store, query: AuditQuery) -> Vec<i64> {
     let page = store.query_audit(&query).await.unwrap();
     page.events.iter().map(|e| e.seq).collect()
 }
 
-#[tokio::test]
-async fn igq_filters_combine_with_and() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_with_fixture(dir.path(), &signer()).await;
+async fn igq_filters_combine_with_and<B: Backend>(backend: B) {
+    let store = store_with_fixture(&backend, &signer()).await;
     let patient = |p: &str| AuditQuery {
         patient: Some(p.into()),
         ..AuditQuery::default()
@@ -160,13 +165,11 @@ async fn igq_filters_combine_with_and() {
         [9]
     );
     assert!(seqs(&store, patient("9999999999")).await.is_empty());
-    store.close().await.unwrap();
+    B::close(store).await;
 }
 
-#[tokio::test]
-async fn igq_keyset_paging_visits_every_event_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_with_fixture(dir.path(), &signer()).await;
+async fn igq_keyset_paging_visits_every_event_once<B: Backend>(backend: B) {
+    let store = store_with_fixture(&backend, &signer()).await;
     let mut query = AuditQuery {
         patient: Some(PATIENT_A.into()),
         limit: 3,
@@ -194,14 +197,12 @@ async fn igq_keyset_paging_visits_every_event_once() {
         .unwrap();
     assert_eq!(page.events.len(), 2);
     assert_eq!(page.next, None);
-    store.close().await.unwrap();
+    B::close(store).await;
 }
 
-#[tokio::test]
-async fn lr_2_break_glass_queue_and_audited_reviews() {
-    let dir = tempfile::tempdir().unwrap();
+async fn lr_2_break_glass_queue_and_audited_reviews<B: Backend>(backend: B) {
     let signer = signer();
-    let store = store_with_fixture(dir.path(), &signer).await;
+    let store = store_with_fixture(&backend, &signer).await;
     let queue = AuditQuery {
         break_glass_only: true,
         unreviewed_only: true,
@@ -278,14 +279,14 @@ async fn lr_2_break_glass_queue_and_audited_reviews() {
     );
     assert_eq!(store.read_audit(0, 100).await.unwrap().len(), 11);
     assert!(store.audit_event(999).await.unwrap().is_none());
-    store.close().await.unwrap();
+    B::close(store).await;
 
     let verifier = caregate_audit::CheckpointVerifier::from_public_key_base64(
         signer.log_id(),
         &signer.public_key_base64(),
     )
     .unwrap();
-    let verification = verify_audit(dir.path(), &verifier, &[]).unwrap();
+    let verification = backend.verify(&verifier).await;
     assert!(verification.is_ok(), "{verification:?}");
 }
 
@@ -301,10 +302,10 @@ async fn page_size_is_capped() {
 
 #[tokio::test]
 async fn igq_patient_query_uses_the_patient_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_with_fixture(dir.path(), &signer()).await;
+    let backend = Sqlite::new().unwrap();
+    let store = store_with_fixture(&backend, &signer()).await;
     store.close().await.unwrap();
-    let conn = rusqlite::Connection::open(dir.path().join("caregate.db")).unwrap();
+    let conn = rusqlite::Connection::open(backend.dir.path().join("caregate.db")).unwrap();
     let plan: Vec<String> = conn
         .prepare(
             "EXPLAIN QUERY PLAN SELECT seq, event FROM audit_events WHERE patient = ?1 \

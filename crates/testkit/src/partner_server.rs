@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ pub enum Mode {
     Reject(u16),
     /// Close every connection as soon as it is accepted (the partner is down).
     Down,
+    /// Read the request, wait this long, then answer 201 (a slow partner).
+    Delay(Duration),
 }
 
 /// One request the partner received.
@@ -64,6 +67,8 @@ impl Received {
 struct Shared {
     mode: Mutex<Mode>,
     received: Mutex<Vec<Received>>,
+    /// TLS handshakes that failed (e.g. no client certificate when one is required).
+    handshake_failures: AtomicUsize,
     changed: Notify,
 }
 
@@ -182,6 +187,7 @@ impl PartnerServer {
         let shared = Arc::new(Shared {
             mode: Mutex::new(Mode::Accept),
             received: Mutex::new(Vec::new()),
+            handshake_failures: AtomicUsize::new(0),
             changed: Notify::new(),
         });
         let task = tokio::spawn(serve(listener, acceptor, Arc::clone(&shared)));
@@ -218,6 +224,26 @@ impl PartnerServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// TLS handshakes the server refused or that failed (a client without the required
+    /// certificate, an untrusted one, or a client that gave up).
+    pub fn handshake_failures(&self) -> usize {
+        self.shared.handshake_failures.load(Ordering::SeqCst)
+    }
+
+    /// Wait until at least `count` handshakes failed, or `timeout` passes; true if they did.
+    pub async fn wait_for_handshake_failures(&self, timeout: Duration, count: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            if self.handshake_failures() >= count {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.handshake_failures() >= count;
+            }
+        }
     }
 
     /// Idempotency keys of accepted requests in arrival order, repeats included.
@@ -270,7 +296,14 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>
                 let acceptor = acceptor.clone();
                 let shared = Arc::clone(&shared);
                 connections.spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let tls = match acceptor.accept(tcp).await {
+                        Ok(tls) => tls,
+                        Err(_) => {
+                            shared.handshake_failures.fetch_add(1, Ordering::SeqCst);
+                            shared.changed.notify_waiters();
+                            return;
+                        }
+                    };
                     let service = hyper::service::service_fn(move |request| {
                         handle(request, Arc::clone(&shared))
                     });
@@ -303,7 +336,7 @@ async fn handle(
         .unwrap_or_default();
     let mode = *shared.mode.lock().unwrap_or_else(PoisonError::into_inner);
     let (status, reply): (Option<u16>, &str) = match mode {
-        Mode::Accept | Mode::Down => (
+        Mode::Accept | Mode::Down | Mode::Delay(_) => (
             Some(201),
             "{\"resourceType\":\"OperationOutcome\",\"issue\":[{\"severity\":\"information\",\"code\":\"informational\"}]}",
         ),
@@ -333,6 +366,9 @@ async fn handle(
         std::future::pending::<()>().await;
         unreachable!("a pending future never completes");
     };
+    if let Mode::Delay(delay) = mode {
+        tokio::time::sleep(delay).await;
+    }
     let mut response = Response::new(Full::new(Bytes::from(reply.to_owned())));
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -392,6 +392,23 @@ impl Iterator for Records {
     }
 }
 
+/// The records of `config`'s population grouped by patient, in submission order: for senders
+/// that run patients concurrently but keep each patient's records in order (a dissent `Consent`
+/// before the records it governs).
+pub fn records_by_patient(
+    config: &SynthConfig,
+) -> impl Iterator<Item = (SynthPatient, Vec<SynthRecord>)> + use<> {
+    let patients = patients(config);
+    let seed = patients.config.seed;
+    let event_config = patients.config.clone();
+    patients.map(move |patient| {
+        let rng = SplitMix64::for_item(seed, EVENT_STREAM, patient.index);
+        let mut out = VecDeque::new();
+        resources::patient_records(&event_config, &patient, rng, &mut out);
+        (patient, Vec::from(out))
+    })
+}
+
 /// Counts per partner and resource type, for reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {

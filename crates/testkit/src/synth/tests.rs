@@ -191,3 +191,27 @@ fn synth_config_refuses_impossible_settings() {
     assert!(config.validate().is_err());
     assert_eq!(records(&config).count(), 0);
 }
+
+#[test]
+fn synth_records_by_patient_are_the_same_records_in_the_same_order() {
+    let config = SynthConfig::new(7, 40);
+    let flat: Vec<SynthRecord> = records(&config).collect();
+    let grouped: Vec<(SynthPatient, Vec<SynthRecord>)> = records_by_patient(&config).collect();
+    assert_eq!(grouped.len(), 40);
+    for (patient, records) in &grouped {
+        assert!(
+            !records.is_empty(),
+            "patient {} has no records",
+            patient.index
+        );
+        for record in records {
+            assert!(
+                record.body.contains(&patient.nhs_number),
+                "a record grouped under patient {} does not name them",
+                patient.index
+            );
+        }
+    }
+    let regrouped: Vec<SynthRecord> = grouped.into_iter().flat_map(|(_, r)| r).collect();
+    assert_eq!(flat, regrouped);
+}
