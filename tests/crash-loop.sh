@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# DOMAIN.md B2 row F1 — SIGKILL at random moments during ingest, many times over.
+# DOMAIN.md B2 row F1 — SIGKILL at random moments during ingest and delivery, many times over.
 #
-# Each iteration: start the real caregate binary on the same data directory, get a token, let
-# several concurrent curl clients submit Observations (each with its own X-Request-Id and a
-# unique value) over keep-alive HTTPS, SIGKILL the gateway at a random moment, and restart it.
+# Three loops, each killing the real caregate binary ITERATIONS times (all three by default):
+#   curl      this script's own ingest loop with curl clients (below);
+#   ingest    the test suite's ingest loop (tests/tests/durability.rs,
+#             f1_repeated_sigkill_during_ingest_…), run with CAREGATE_CRASH_ITERATIONS=ITERATIONS;
+#   delivery  the test suite's delivery loop (durability.rs,
+#             f1_f5_repeated_sigkill_during_delivery_…): the gateway pushes what the shipped
+#             policy allows to a spawned HTTPS partner while it is killed; every allowed record
+#             must arrive, repeats only with the record's one idempotency key, per-patient order
+#             kept. Same environment variable.
+# CI runs the last two with the default of 20 kills each (cargo nextest … --test durability).
+#
+# The curl loop, each iteration: start the real caregate binary on the same data directory, get a
+# token, let several concurrent curl clients submit Observations (each with its own X-Request-Id
+# and a unique value) over keep-alive HTTPS, SIGKILL the gateway at a random moment, restart it.
 # Then:
 #   - every record the clients saw acknowledged (201 + Location) is read back (GET) and must be
 #     the same content that was submitted (ignoring the server's id and meta) -> else "lost";
@@ -14,22 +25,36 @@
 # Prints `lost: L, duplicated: D, iterations: N` and exits 1 unless both are 0 and nothing else
 # went wrong.
 #
-# Usage: tests/crash-loop.sh [ITERATIONS]     (default 20; hundreds are fine)
+# Usage: tests/crash-loop.sh [ITERATIONS] [curl|ingest|delivery ...]
+#        (default 20 iterations, all three loops; hundreds are fine)
 # Environment: CAREGATE_BIN (default: target/release/caregate if built, else a debug build),
 #              CRASH_LOOP_CLIENTS (default 4), CRASH_LOOP_MAX_DELAY_MS (default 800),
 #              CRASH_LOOP_KEEP=1 to keep the work directory.
-# Needs: curl (7.84+), jq, and sqlite3 for the duplicate count (skipped with a warning if absent).
+# Needs: curl (7.84+), jq, and sqlite3 for the duplicate count (skipped with a warning if absent);
+# cargo (and cargo-nextest if installed) for the suite's loops.
 set -euo pipefail
 
 iterations="${1:-20}"
+shift || true
+loops=("$@")
+[ ${#loops[@]} -gt 0 ] || loops=(curl ingest delivery)
+for loop in "${loops[@]}"; do
+  case "$loop" in
+    curl | ingest | delivery) ;;
+    *) echo "crash-loop: unknown loop '$loop' (curl, ingest or delivery)" >&2; exit 2 ;;
+  esac
+done
+wants() { [[ " ${loops[*]} " == *" $1 "* ]]; }
 clients="${CRASH_LOOP_CLIENTS:-4}"
 max_delay_ms="${CRASH_LOOP_MAX_DELAY_MS:-800}"
 per_client=1000 # requests prepared per client per iteration; the kill comes long before
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-for tool in curl jq; do
-  command -v "$tool" >/dev/null || { echo "crash-loop: $tool is required" >&2; exit 2; }
-done
+if wants curl; then
+  for tool in curl jq; do
+    command -v "$tool" >/dev/null || { echo "crash-loop: $tool is required" >&2; exit 2; }
+  done
+fi
 
 bin="${CAREGATE_BIN:-}"
 if [ -z "$bin" ]; then
@@ -50,6 +75,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# --- the curl loop -----------------------------------------------------------------------------
+curl_loop() {
 partner="gp-crash"
 "$bin" partner-key --partner "$partner" --alg ES256 --out "$work/keys" >/dev/null
 cat >"$work/caregate.toml" <<EOF
@@ -268,5 +295,50 @@ merged=$(($(cut -d' ' -f3 "$acked" | sed 's#/_history.*##' | sort | uniq -d | wc
 echo "acknowledged: $acknowledged, stored: $stored, kills: $kills, retry failures: $retry_errors, merged: $merged, time: $((SECONDS - started))s"
 echo "lost: $lost, duplicated: $duplicated, iterations: $iterations"
 if [ "$lost" -ne 0 ] || [ "$duplicated" -ne 0 ] || [ "$retry_errors" -ne 0 ] || [ "$merged" -ne 0 ]; then
+  return 1
+fi
+}
+
+# --- the suite's loops (tests/tests/durability.rs) ---------------------------------------------
+# Runs one test of durability.rs with CAREGATE_CRASH_ITERATIONS raised, against the same binary;
+# the test prints its figures (kills, acknowledged, lost, repeats, time) to stderr.
+suite_loop() {
+  local test_name="$1"
+  echo "crash-loop: $test_name with CAREGATE_CRASH_ITERATIONS=$iterations"
+  if cargo nextest --version >/dev/null 2>&1; then
+    (cd "$root" && CAREGATE_BIN="$bin" CAREGATE_CRASH_ITERATIONS="$iterations" \
+      cargo nextest run --no-capture -p caregate-e2e --test durability -E "test(=$test_name)")
+  else
+    (cd "$root" && CAREGATE_BIN="$bin" CAREGATE_CRASH_ITERATIONS="$iterations" \
+      cargo test -p caregate-e2e --test durability -- --exact "$test_name" --nocapture)
+  fi
+}
+
+# Each loop in a subshell with `set -e` in force (it would be off inside `cmd || …`), so one
+# failing loop is reported and the others still run; the subshell kills its own gateway on exit.
+failed=()
+run_loop() {
+  local name="$1" status=0
+  shift
+  set +e
+  (
+    set -e
+    trap 'if [ -n "$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; fi' EXIT
+    "$@"
+  )
+  status=$?
+  set -e
+  [ "$status" -eq 0 ] || failed+=("$name")
+}
+if wants curl; then run_loop curl curl_loop; fi
+if wants ingest; then
+  run_loop ingest suite_loop f1_repeated_sigkill_during_ingest_loses_and_duplicates_no_acknowledged_record
+fi
+if wants delivery; then
+  run_loop delivery suite_loop f1_f5_repeated_sigkill_during_delivery_delivers_every_allowed_record_with_one_key
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "crash-loop: FAILED: ${failed[*]}" >&2
   exit 1
 fi
+echo "crash-loop: passed: ${loops[*]} ($iterations kills each)"
