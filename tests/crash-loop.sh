@@ -178,9 +178,13 @@ verify() {
     [ "$status" = 200 ] && files+=("$got/$i.json")
   done <"$work/verify.status"
   if [ ${#files[@]} -gt 0 ]; then
-    while read -r file body; do
-      bodies["$file"]="$body"
-    done < <(jq -r -c -S '"\(input_filename) \(del(.id, .meta) | tojson)"' "${files[@]}")
+    # One sorted line per file, in order (jq 1.6's -S does not sort inside `tojson`, so the
+    # file name cannot share the line).
+    local k=0
+    while IFS= read -r body; do
+      bodies["${files[$k]}"]="$body"
+      k=$((k + 1))
+    done < <(jq -c -S 'del(.id, .meta)' "${files[@]}")
   fi
   i=0
   while read -r id value location status; do
