@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 pub mod delivery;
+pub mod export_jobs;
 pub mod postgres;
 pub mod sqlite;
 
@@ -207,8 +208,9 @@ pub enum StoreError {
 }
 
 /// The storage interface. Implementations must be safe to share between all request tasks.
+/// Bulk export jobs are kept through the [`export_jobs::ExportJobs`] part of it.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait Store: export_jobs::ExportJobs + Send + Sync + std::fmt::Debug + 'static {
     /// Commit a submission atomically and durably, group-committed with concurrent submissions.
     /// Returns only once the data is on stable storage.
     async fn submit(&self, submission: Submission) -> Result<Receipt, StoreError>;

@@ -63,6 +63,9 @@ pub use query::AuditReader;
 #[path = "sqlite_delivery.rs"]
 mod delivery;
 
+#[path = "sqlite_export_jobs.rs"]
+mod export_jobs;
+
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "caregate.db";
 
@@ -80,7 +83,12 @@ const TIMESTAMP_FORMAT: &[BorrowedFormatItem<'static>] =
 
 /// Schema migrations; step `i` takes `PRAGMA user_version` from `i` to `i + 1`. Append new steps;
 /// never edit a released one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, query::SCHEMA_V2, delivery::SCHEMA_DELIVERY];
+const MIGRATIONS: &[&str] = &[
+    SCHEMA_V1,
+    query::SCHEMA_V2,
+    delivery::SCHEMA_DELIVERY,
+    export_jobs::SCHEMA_EXPORT_JOBS,
+];
 
 const SCHEMA_V1: &str = "
 -- The committed log: every version of every record, in commit order. seq is never reused.
@@ -427,9 +435,12 @@ impl Store for SqliteStore {
     async fn submit(&self, submission: Submission) -> Result<Receipt, StoreError> {
         match self.request(Work::Submit(submission)).await? {
             Answer::Receipt(receipt) => Ok(receipt),
-            Answer::CursorSaved | Answer::Reviewed(_) | Answer::Delivery(_) => Err(
-                StoreError::Failed("the store writer answered a different request".to_owned()),
-            ),
+            Answer::CursorSaved
+            | Answer::Reviewed(_)
+            | Answer::Delivery(_)
+            | Answer::ExportJob(_) => Err(StoreError::Failed(
+                "the store writer answered a different request".to_owned(),
+            )),
         }
     }
 
@@ -517,9 +528,12 @@ impl Store for SqliteStore {
         };
         match self.request(work).await? {
             Answer::CursorSaved => Ok(()),
-            Answer::Receipt(_) | Answer::Reviewed(_) | Answer::Delivery(_) => Err(
-                StoreError::Failed("the store writer answered a different request".to_owned()),
-            ),
+            Answer::Receipt(_)
+            | Answer::Reviewed(_)
+            | Answer::Delivery(_)
+            | Answer::ExportJob(_) => Err(StoreError::Failed(
+                "the store writer answered a different request".to_owned(),
+            )),
         }
     }
 
@@ -543,9 +557,12 @@ impl Store for SqliteStore {
     ) -> Result<AuditReview, StoreError> {
         match self.request(Work::Review { review, audit }).await? {
             Answer::Reviewed(review) => Ok(review),
-            Answer::Receipt(_) | Answer::CursorSaved | Answer::Delivery(_) => Err(
-                StoreError::Failed("the store writer answered a different request".to_owned()),
-            ),
+            Answer::Receipt(_)
+            | Answer::CursorSaved
+            | Answer::Delivery(_)
+            | Answer::ExportJob(_) => Err(StoreError::Failed(
+                "the store writer answered a different request".to_owned(),
+            )),
         }
     }
 
@@ -1086,6 +1103,8 @@ enum Work {
     },
     /// Delivery rows, inbox and dead letters ([`delivery::apply`]).
     Delivery(delivery::DeliveryWork),
+    /// The Bulk export job registry ([`export_jobs::apply`]).
+    ExportJob(export_jobs::ExportJobWork),
 }
 
 enum Answer {
@@ -1093,6 +1112,7 @@ enum Answer {
     CursorSaved,
     Reviewed(AuditReview),
     Delivery(delivery::DeliveryAnswer),
+    ExportJob(export_jobs::ExportJobAnswer),
 }
 
 /// The commit time of one batch, as a value and as stored.
@@ -1435,6 +1455,7 @@ fn apply_work(
             query::apply_review(conn, review, audit, clock, frontier).map(Answer::Reviewed)
         }
         Work::Delivery(work) => delivery::apply(conn, work, clock, frontier),
+        Work::ExportJob(work) => export_jobs::apply(conn, work, clock),
     }
 }
 

@@ -283,7 +283,7 @@ async fn migrations_apply_once_when_instances_start_together() {
     let again = cluster.open_instance("gw-a", TestOptions::default()).await;
     again.close().await.unwrap();
     // `caregate db migrate` on an up-to-date database changes nothing.
-    assert_eq!(migrate(&cluster.url).await.unwrap(), 1);
+    assert_eq!(migrate(&cluster.url).await.unwrap(), 2);
     let client = cluster.client().await;
     let versions: Vec<i32> = client
         .query(
@@ -295,7 +295,7 @@ async fn migrations_apply_once_when_instances_start_together() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,17 @@ use tokio_postgres::Client;
 use super::{Fault, LOCK_CLASS, MIGRATION_LOCK};
 
 /// Schema steps; step `i` brings the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Step 2: the Bulk export job registry (`export_jobs`, issue 5), kept with its queries in
+/// [`export_jobs`].
+const SCHEMA_V2: &str = export_jobs::SCHEMA_EXPORT_JOBS;
+
+// The registry's queries (`postgres/export_jobs.rs`), declared here beside its migration step so
+// the connection code in `postgres.rs` stays as it is; still a descendant of `postgres`, so it
+// uses the store's private read connections and fault mapping.
+#[path = "export_jobs.rs"]
+pub(super) mod export_jobs;
 
 const SCHEMA_V1: &str = "
 -- The committed log: every version of every record, in commit order (see the module docs of
