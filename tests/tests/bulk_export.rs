@@ -1,6 +1,8 @@
 //! FHIR Bulk Data `$export` end to end (issue 5): the real binary over TLS, a SMART token for the
 //! ICB, records with stored policy decisions in the log, NDJSON that parses as FHIR R4 and
-//! carries no NHS number; another partner cannot see the job or its files (BOLA → 404).
+//! carries no NHS number; another partner cannot see the job or its files (BOLA → 404). Jobs are
+//! kept in the store: a completed export's manifest and files are served after the gateway is
+//! killed and restarted, and an export that was running when the gateway died answers failed.
 //!
 //! The policy stage does not yet write decisions at intake, so the test commits records with
 //! decisions straight into the data directory's store (as intake will) while the gateway is
@@ -61,8 +63,8 @@ async fn seed(data: &std::path::Path) {
     store.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_export_over_tls_gives_pseudonymised_fhir_ndjson() {
+/// A gateway serving the shipped feed (with k = 2) to the ICB, over three seeded patients.
+async fn feed_gateway() -> Gateway {
     let mut partners = default_partners();
     partners.push(TestPartner::new(
         "icb-qe1",
@@ -105,42 +107,37 @@ async fn bulk_export_over_tls_gives_pseudonymised_fhir_ndjson() {
         .unwrap();
     assert!(status.success());
     gw.launch();
+    gw
+}
 
-    let token = gw.token("icb-qe1").await;
+/// Kick off an export of the feed; returns the status URL.
+async fn kick_off(gw: &Gateway, token: &str) -> String {
     let kick_off = gw
         .client
         .get(format!(
             "{}/fhir/Group/{FEED}/$export?_type=Patient,Observation",
             gw.base_url
         ))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .header("Prefer", "respond-async, handling=lenient")
         .header("Accept", "application/fhir+json")
         .send()
         .await
         .unwrap();
     assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
+    kick_off.headers()["content-location"]
         .to_str()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
 
-    // Another partner cannot see the job (BOLA): 404, as for a job that does not exist.
-    let gp_token = gw.token("gp-a81001").await;
-    let other = gw
-        .client
-        .get(&status_url)
-        .bearer_auth(&gp_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(other.status(), 404);
-
-    let manifest: Value = loop {
+/// Poll the status URL until the export completes; returns the manifest.
+async fn wait_for_manifest(gw: &Gateway, token: &str, status_url: &str) -> Value {
+    loop {
         let response = gw
             .client
-            .get(&status_url)
-            .bearer_auth(&token)
+            .get(status_url)
+            .bearer_auth(token)
             .send()
             .await
             .unwrap();
@@ -155,7 +152,54 @@ async fn bulk_export_over_tls_gives_pseudonymised_fhir_ndjson() {
             200 => break response.json().await.unwrap(),
             other => panic!("status {other}: {}", response.text().await.unwrap()),
         }
-    };
+    }
+}
+
+/// Each output's (type, count, body), downloaded with `token`.
+async fn download(gw: &Gateway, token: &str, manifest: &Value) -> Vec<(String, u64, String)> {
+    let mut files = Vec::new();
+    for output in manifest["output"].as_array().unwrap() {
+        let response = gw
+            .client
+            .get(output["url"].as_str().unwrap())
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        files.push((
+            output["type"].as_str().unwrap().to_owned(),
+            output["count"].as_u64().unwrap(),
+            response.text().await.unwrap(),
+        ));
+    }
+    files.sort();
+    files
+}
+
+/// The same URL on the restarted gateway (it listens on a new port).
+fn moved(url: &str, old_base: &str, new_base: &str) -> String {
+    url.replacen(old_base, new_base, 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_export_over_tls_gives_pseudonymised_fhir_ndjson() {
+    let gw = feed_gateway().await;
+    let token = gw.token("icb-qe1").await;
+    let status_url = kick_off(&gw, &token).await;
+
+    // Another partner cannot see the job (BOLA): 404, as for a job that does not exist.
+    let gp_token = gw.token("gp-a81001").await;
+    let other = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&gp_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+
+    let manifest = wait_for_manifest(&gw, &token, &status_url).await;
     assert_eq!(manifest["requiresAccessToken"], true);
     assert_eq!(
         manifest["extension"]["https://caregate.example/fhir/bulk/key-version"],
@@ -257,6 +301,217 @@ async fn bulk_export_over_tls_gives_pseudonymised_fhir_ndjson() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_export_is_served_after_the_gateway_is_killed_and_restarted() {
+    let mut gw = feed_gateway().await;
+    let token = gw.token("icb-qe1").await;
+    let status_url = kick_off(&gw, &token).await;
+    let before = wait_for_manifest(&gw, &token, &status_url).await;
+    let files_before = download(&gw, &token, &before).await;
+    assert!(!files_before.is_empty());
+    assert!(
+        files_before
+            .iter()
+            .all(|(_, count, body)| *count > 0 && !body.is_empty())
+    );
+
+    // SIGKILL: nothing of the job can have been saved at shutdown.
+    let old_base = gw.base_url.clone();
+    gw.kill();
+    gw.launch();
+    let token = gw.token("icb-qe1").await;
+    let status_url = moved(&status_url, &old_base, &gw.base_url);
+    let response = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the status URL outlives the process"
+    );
+    let after: Value = response.json().await.unwrap();
+    for field in [
+        "transactionTime",
+        "request",
+        "requiresAccessToken",
+        "extension",
+    ] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    assert!(
+        after["output"][0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&gw.base_url),
+        "file URLs name the gateway that answers"
+    );
+    assert_eq!(download(&gw, &token, &after).await, files_before);
+
+    // Ownership still holds after the restart (BOLA: 404, as for a job that does not exist).
+    let gp_token = gw.token("gp-a81001").await;
+    let other = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&gp_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    let denied = gw
+        .client
+        .get(after["output"][0]["url"].as_str().unwrap())
+        .bearer_auth(&gp_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 404);
+
+    // A file the manifest lists but this instance's disk lacks (an export directory not shared
+    // in a cluster) is a clear OperationOutcome, not a failure of the gateway.
+    let id = status_url.rsplit('/').next().unwrap();
+    let directory = gw.data_dir().join("feeds").join(FEED).join(id);
+    std::fs::remove_dir_all(&directory).unwrap();
+    let missing = gw
+        .client
+        .get(after["output"][0]["url"].as_str().unwrap())
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let outcome: Value = missing.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "not-found");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("not available on this gateway instance"),
+        "{outcome}"
+    );
+
+    // DELETE after the restart: the job is gone, here and after another restart.
+    let deleted = gw
+        .client
+        .delete(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    let old_base = gw.base_url.clone();
+    assert!(gw.terminate().await);
+    gw.launch();
+    let token = gw.token("icb-qe1").await;
+    let gone = gw
+        .client
+        .get(moved(&status_url, &old_base, &gw.base_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_running_when_the_gateway_died_answers_failed_after_restart() {
+    let mut gw = feed_gateway().await;
+    let token = gw.token("icb-qe1").await;
+    let base = gw.base_url.clone();
+    gw.kill();
+    // What a gateway killed mid-export leaves: its job row in progress (instance "local", the
+    // SQLite gateway's) and a partial output file. An export cannot be made slow enough to kill
+    // deterministically, so the row is written as the dead process would have left it.
+    let id = "0123456789abcdef0123456789abcdef";
+    let conn = rusqlite::Connection::open(gw.data_dir().join("caregate.db")).unwrap();
+    conn.execute(
+        "INSERT INTO export_jobs (id, owner, feed, request, state, scanned, written, key_version, \
+         opt_outs, created_at, updated_at, instance_id) VALUES (?1, 'icb-qe1', ?2, ?3, \
+         'in-progress', 500, 12, 1, 'applied', '2026-01-01T00:00:00.000000Z', \
+         '2026-01-01T00:00:01.000000Z', 'local')",
+        rusqlite::params![id, FEED, format!("{base}/fhir/Group/{FEED}/$export")],
+    )
+    .unwrap();
+    drop(conn);
+    let partial = gw.data_dir().join("feeds").join(FEED).join(id);
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(
+        partial.join("Patient.ndjson"),
+        "{\"resourceType\":\"Patient\"",
+    )
+    .unwrap();
+
+    gw.launch();
+    let token_after = gw.token("icb-qe1").await;
+    let status_url = format!("{}/fhir/$export-status/{id}", gw.base_url);
+    let response = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&token_after)
+        .send()
+        .await
+        .unwrap();
+    // Bulk Data: a failed export's status is a 5xx with an OperationOutcome.
+    assert_eq!(response.status(), 500);
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "exception");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted by a restart; kick off a new export"),
+        "{outcome}"
+    );
+    assert!(
+        !partial.exists(),
+        "the partial files of the interrupted export are removed"
+    );
+    let file = gw
+        .client
+        .get(format!(
+            "{}/fhir/$export-file/{id}/Patient.ndjson",
+            gw.base_url
+        ))
+        .bearer_auth(&token_after)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 404);
+    // Another partner still cannot see it.
+    let gp_token = gw.token("gp-a81001").await;
+    let other = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&gp_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    // A new export runs and completes alongside.
+    let status_url = kick_off(&gw, &token_after).await;
+    wait_for_manifest(&gw, &token_after, &status_url).await;
+    drop(token);
+
+    // The start-up marked it failed in the store (not only answered so).
+    assert!(gw.terminate().await);
+    let conn = rusqlite::Connection::open(gw.data_dir().join("caregate.db")).unwrap();
+    let (state, error, finished): (String, String, Option<String>) = conn
+        .query_row(
+            "SELECT state, error, finished_at FROM export_jobs WHERE id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.contains("interrupted by a restart"), "{error}");
+    assert!(finished.is_some());
 }
 
 /// Every output line is valid FHIR R4 for caregate's own validator (the definitions keep the

@@ -11,13 +11,26 @@
 //!   the release report); 500 with an OperationOutcome if it failed. `DELETE` cancels.
 //! - Files: `GET /fhir/$export-file/{id}/{file}`; the name must be one the manifest lists.
 //!
-//! Only the feed's consumer partner sees a job or its files; anyone else gets 404, the same as for
-//! a job that does not exist (no existence oracle, OWASP API1). Export ids are generated and
-//! validated before any path is built. The export runs in a background task on a blocking thread.
+//! **Jobs are kept in the store** (`caregate_store::export_jobs`), not in memory: the status,
+//! manifest, DELETE and file routes read the job row, so they answer after a restart and on any
+//! instance sharing the store (cluster mode; the files must then be on the shared
+//! `[feeds] export_dir`). The process running an export keeps only its live counters and
+//! cancel switch ([`ExportControl`]) and writes its progress to the row every
+//! [`PROGRESS_INTERVAL`]; that write also tells it when the job was cancelled on another
+//! instance. An export does not survive its process: at start-up an instance marks its own
+//! unfinished jobs failed ([`recover_interrupted`]) and the status answers 500 with
+//! [`INTERRUPTED`] — resuming would need the blocking export's in-flight state (its open files,
+//! its disclosure-control pass), so a new kick-off is the simple correct answer.
+//!
+//! Only the job's owner (the feed's consumer partner that kicked it off) sees a job or its files;
+//! anyone else gets 404, the same as for a job that does not exist (no existence oracle, OWASP
+//! API1). A cancelled job is gone (404). Export ids are generated and validated before any path is
+//! built. The export runs in a background task on a blocking thread.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -25,6 +38,7 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use caregate_auth::scope::Interaction;
+use caregate_feeds::definition::OptOuts;
 use caregate_feeds::export::{
     ExportControl, ExportManifest, export_dir, new_export_id, valid_export_id,
 };
@@ -32,6 +46,10 @@ use caregate_feeds::runner::{ExportJob, Start};
 use caregate_feeds::{FeedDefinition, FeedPolicy, KeyFile};
 use caregate_fhir::validate::{Rejection, RejectionKind};
 use caregate_fhir::{Issue, IssueCode, OperationOutcome};
+use caregate_store::Store;
+use caregate_store::export_jobs::{
+    ExportJob as StoredJob, ExportJobEnd, ExportJobState, ExportProgress, NewExportJob,
+};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -42,20 +60,45 @@ use crate::error::{ApiError, fhir_response};
 /// Seconds a client should wait between status polls.
 const RETRY_AFTER_SECS: u32 = 1;
 
-/// The feeds the gateway serves, and the export jobs in flight. Jobs live in memory: after a
-/// restart a client kicks off again (completed exports stay on disk for `caregate feed report`).
+/// How often a running export writes its progress to its job row (and learns whether it was
+/// cancelled elsewhere).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An in-progress job whose row has not been touched for this long is answered as failed: the
+/// instance running it stopped (and has not restarted to say so, e.g. a cluster scaled down).
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// The status of a job whose process stopped while it ran (set at start-up).
+pub const INTERRUPTED: &str = "the export was interrupted by a restart; kick off a new export";
+
+/// The status of a job that failed (the cause goes to the logs, not to the client).
+const FAILED: &str = "the export failed; kick off a new one";
+
+/// The status of an in-progress job whose instance stopped reporting (see [`STALE_AFTER`]).
+const STOPPED: &str = "the gateway instance running the export stopped; kick off a new export";
+
+/// The answer for a listed file that is not on this instance's disk.
+const FILE_ELSEWHERE: &str = "the export file is not available on this gateway instance \
+     (in a cluster, the export directory must be shared by every instance); kick off a new export";
+
+/// The feeds the gateway serves, where their exports are written, and the exports running in
+/// this process (their live counters and cancel switches; the jobs themselves are in the store).
 pub struct BulkExports {
     definitions: Vec<Arc<FeedDefinition>>,
     key_file: PathBuf,
-    data_dir: PathBuf,
+    /// Exports are written under `<export_root>/feeds/<feed>/<id>/`.
+    export_root: PathBuf,
     policy: Arc<dyn FeedPolicy>,
-    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// This instance's id, recorded with the jobs it runs.
+    instance_id: String,
+    running: Mutex<HashMap<String, Arc<ExportControl>>>,
 }
 
 impl std::fmt::Debug for BulkExports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BulkExports")
             .field("feeds", &self.definitions.len())
+            .field("instance_id", &self.instance_id)
             .finish_non_exhaustive()
     }
 }
@@ -64,45 +107,81 @@ impl BulkExports {
     pub fn new(
         definitions: Vec<FeedDefinition>,
         key_file: PathBuf,
-        data_dir: PathBuf,
+        export_root: PathBuf,
         policy: Arc<dyn FeedPolicy>,
+        instance_id: String,
     ) -> Self {
         BulkExports {
             definitions: definitions.into_iter().map(Arc::new).collect(),
             key_file,
-            data_dir,
+            export_root,
             policy,
-            jobs: Mutex::new(HashMap::new()),
+            instance_id,
+            running: Mutex::new(HashMap::new()),
         }
     }
 
-    fn job(&self, id: &str, caller: &Caller) -> Result<Arc<Job>, ApiError> {
+    /// The live counters of a job running in this process.
+    fn running(&self, id: &str) -> Result<Option<Arc<ExportControl>>, ApiError> {
+        Ok(self
+            .running
+            .lock()
+            .map_err(|_| ApiError::Internal)?
+            .get(id)
+            .cloned())
+    }
+
+    fn finished_running(&self, id: &str) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(id);
+        }
+    }
+
+    /// The caller's job: 404 for an invalid id, a missing or cancelled job, or another
+    /// partner's (BOLA: the same answer, so no existence oracle).
+    async fn job(
+        &self,
+        store: &dyn Store,
+        id: &str,
+        caller: &Caller,
+    ) -> Result<StoredJob, ApiError> {
         if !valid_export_id(id) {
             return Err(ApiError::NotFound);
         }
-        let jobs = self.jobs.lock().map_err(|_| ApiError::Internal)?;
-        jobs.get(id)
-            .filter(|job| job.owner == caller.partner.id)
-            .cloned()
+        store
+            .export_job(id)
+            .await?
+            .filter(|job| job.owner == caller.partner.id && job.state != ExportJobState::Cancelled)
             .ok_or(ApiError::NotFound)
+    }
+
+    fn directory(&self, job: &StoredJob) -> PathBuf {
+        export_dir(&self.export_root, &job.feed, &job.id)
     }
 }
 
-#[derive(Debug)]
-struct Job {
-    id: String,
-    owner: String,
-    feed: String,
-    request: String,
-    control: Arc<ExportControl>,
-    state: Mutex<JobState>,
-}
-
-#[derive(Debug, Clone)]
-enum JobState {
-    Running,
-    Done(Box<ExportManifest>),
-    Failed,
+/// At start-up: mark this instance's unfinished jobs failed ([`INTERRUPTED`]) — their process
+/// died with them — and remove their partial files.
+pub async fn recover_interrupted(
+    store: &dyn Store,
+    instance_id: &str,
+    export_root: &FsPath,
+) -> Result<usize, caregate_store::StoreError> {
+    let jobs = store
+        .fail_interrupted_export_jobs(instance_id, INTERRUPTED)
+        .await?;
+    for job in &jobs {
+        let directory = export_dir(export_root, &job.feed, &job.id);
+        match tokio::fs::remove_dir_all(&directory).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(export = %job.id, feed = %job.feed, %error, "bulk export: partial files of an interrupted export not removed");
+            }
+        }
+        tracing::warn!(export = %job.id, feed = %job.feed, "bulk export interrupted by a restart; marked failed");
+    }
+    Ok(jobs.len())
 }
 
 /// The Bulk Data routes; the handlers need an `Extension<Arc<BulkExports>>` (added by the runtime
@@ -117,11 +196,14 @@ pub fn routes() -> Router<SharedState> {
 
 /// Add the Bulk Data service to the app when `[feeds]` is configured: definitions loaded and
 /// validated now (start-up fails on a bad one), the key file read at each kick-off (so a
-/// rotation applies without a restart). The feed policy reads the decisions stored with records.
-pub fn attach(
+/// rotation applies without a restart), and this instance's interrupted jobs marked failed
+/// ([`recover_interrupted`]). The feed policy reads the decisions stored with records.
+pub async fn attach(
     app: Router,
     config: &crate::config::Config,
     policy: Option<Arc<dyn caregate_feeds::FeedPolicy>>,
+    store: &dyn Store,
+    instance_id: &str,
 ) -> Result<Router, String> {
     let Some(dir) = &config.feeds.definitions else {
         return Ok(app);
@@ -147,7 +229,23 @@ pub fn attach(
         Some(policy) => policy,
         None => Arc::new(decision_policy),
     };
-    let exports = BulkExports::new(definitions, key_file, config.data_dir.clone(), policy);
+    let export_root = config
+        .feeds
+        .export_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.clone());
+    // A failure here is not fatal: a job of this instance still marked in progress is answered
+    // as failed anyway (it is not running in this process; see `status`).
+    if let Err(error) = recover_interrupted(store, instance_id, &export_root).await {
+        tracing::warn!(%error, "bulk export: interrupted jobs could not be marked failed");
+    }
+    let exports = BulkExports::new(
+        definitions,
+        key_file,
+        export_root,
+        policy,
+        instance_id.to_owned(),
+    );
     Ok(app.layer(Extension(Arc::new(exports))))
 }
 
@@ -293,37 +391,54 @@ async fn kick_off(
             ApiError::Internal
         })?;
     let id = new_export_id();
-    let request = match &query {
-        Some(query) => format!(
-            "{}{}?{query}",
-            state.base_url,
-            request_path(definition, group.is_some())
-        ),
-        None => format!(
-            "{}{}",
-            state.base_url,
-            request_path(definition, group.is_some())
-        ),
+    // The request as the manifest repeats it, rebuilt from the parameters this server acts on,
+    // so nothing else a client put in the query string is kept in the job row.
+    let kept: Vec<(&str, &str)> = params
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "_type" | "_since" | "_feed" | "_outputFormat"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let path = request_path(definition, group.is_some());
+    let request = match serde_urlencoded::to_string(&kept) {
+        Ok(query) if !query.is_empty() => format!("{}{path}?{query}", state.base_url),
+        _ => format!("{}{path}", state.base_url),
     };
     let transaction_time = OffsetDateTime::now_utc();
     let control = Arc::new(ExportControl::default());
-    let job = Arc::new(Job {
-        id: id.clone(),
-        owner: caller.partner.id.clone(),
-        feed: definition.id.clone(),
-        request,
-        control: control.clone(),
-        state: Mutex::new(JobState::Running),
-    });
+    let opt_outs = match &definition.opt_outs {
+        OptOuts::Applied => "applied".to_owned(),
+        OptOuts::Exempt { rule, .. } => format!("exempt {rule}"),
+    };
+    // Registered as running here before the row exists, so a status that finds the row in
+    // progress and no live job here knows the job is not running here (see `status`).
     exports
-        .jobs
+        .running
         .lock()
         .map_err(|_| ApiError::Internal)?
-        .insert(id.clone(), job.clone());
+        .insert(id.clone(), control.clone());
+    let created = state
+        .store
+        .create_export_job(NewExportJob {
+            id: id.clone(),
+            owner: caller.partner.id.clone(),
+            feed: definition.id.clone(),
+            request,
+            types: types.as_ref().map(|t| t.iter().cloned().collect()),
+            since,
+            key_version: key.version,
+            opt_outs,
+            created_at: transaction_time,
+            instance_id: exports.instance_id.clone(),
+        })
+        .await;
+    if let Err(error) = created {
+        exports.finished_running(&id);
+        return Err(error.into());
+    }
     let export_job = ExportJob {
         definition: definition.clone(),
         key,
-        data_dir: exports.data_dir.clone(),
+        data_dir: exports.export_root.clone(),
         export_id: id.clone(),
         types,
         since,
@@ -331,7 +446,6 @@ async fn kick_off(
         transaction_time,
     };
     let store = state.store.clone();
-    let policy = exports.policy.clone();
     // The feed stage's span: feed id, records released and outcome (no content, no ids).
     let span = tracing::info_span!(
         target: crate::telemetry::STAGE_TARGET,
@@ -340,31 +454,7 @@ async fn kick_off(
         files = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    let run = async move {
-        let outcome = caregate_feeds::runner::run(store, policy, export_job, control).await;
-        let span = tracing::Span::current();
-        let next = match outcome {
-            Ok(manifest) => {
-                span.record("files", manifest.files.len());
-                span.record("outcome", "ok");
-                crate::metrics::global().feed_export(
-                    &job.feed,
-                    "ok",
-                    Some(manifest.transaction_time.unix_timestamp() as f64),
-                );
-                JobState::Done(Box::new(manifest))
-            }
-            Err(error) => {
-                span.record("outcome", "failed");
-                crate::metrics::global().feed_export(&job.feed, "failed", None);
-                tracing::warn!(export = %job.id, feed = %job.feed, %error, "bulk export failed");
-                JobState::Failed
-            }
-        };
-        if let Ok(mut state) = job.state.lock() {
-            *state = next;
-        }
-    };
+    let run = run_job(store, exports.clone(), export_job, control);
     tokio::spawn(tracing::Instrument::instrument(run, span));
     let location = format!("{}/fhir/$export-status/{id}", state.base_url);
     let mut response = StatusCode::ACCEPTED.into_response();
@@ -376,12 +466,122 @@ async fn kick_off(
     Ok(response)
 }
 
+fn progress(control: &ExportControl) -> ExportProgress {
+    ExportProgress {
+        scanned: control.scanned(),
+        written: control.written(),
+    }
+}
+
+/// Run one export in this process: progress to the job row every [`PROGRESS_INTERVAL`] (a job
+/// cancelled on any instance stops here), then its end. A job cancelled meanwhile keeps no files.
+async fn run_job(
+    store: Arc<dyn Store>,
+    exports: Arc<BulkExports>,
+    job: ExportJob,
+    control: Arc<ExportControl>,
+) {
+    let id = job.export_id.clone();
+    let feed = job.definition.id.clone();
+    let directory = export_dir(&job.data_dir, &feed, &id);
+    let export =
+        caregate_feeds::runner::run(store.clone(), exports.policy.clone(), job, control.clone());
+    tokio::pin!(export);
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut export => break outcome,
+            _ = tick.tick() => match store.export_job_progress(&id, progress(&control)).await {
+                Ok(true) => {}
+                Ok(false) => control.cancel(),
+                Err(error) => tracing::warn!(export = %id, %error, "bulk export: progress not recorded"),
+            },
+        }
+    };
+    let span = tracing::Span::current();
+    let end = match outcome {
+        Ok(manifest) => match serde_json::to_string(&manifest) {
+            Ok(json) => {
+                span.record("files", manifest.files.len());
+                span.record("outcome", "ok");
+                crate::metrics::global().feed_export(
+                    &feed,
+                    "ok",
+                    Some(manifest.transaction_time.unix_timestamp() as f64),
+                );
+                ExportJobEnd::Complete { manifest: json }
+            }
+            Err(error) => {
+                tracing::error!(export = %id, %feed, %error, "bulk export: the manifest does not serialise");
+                ExportJobEnd::Failed {
+                    error: FAILED.to_owned(),
+                }
+            }
+        },
+        Err(error) => {
+            span.record("outcome", "failed");
+            crate::metrics::global().feed_export(&feed, "failed", None);
+            tracing::warn!(export = %id, %feed, %error, "bulk export failed");
+            ExportJobEnd::Failed {
+                error: FAILED.to_owned(),
+            }
+        }
+    };
+    match store.finish_export_job(&id, end).await {
+        Ok(true) => {}
+        // Cancelled while it ran (here or on another instance): its files go.
+        Ok(false) => {
+            let _ = tokio::fs::remove_dir_all(&directory).await;
+        }
+        // The row stays in progress; with this process no longer running it, `status` answers
+        // it as failed, and the next start-up marks it so.
+        Err(error) => {
+            tracing::error!(export = %id, %feed, %error, "bulk export: the job's end was not recorded");
+        }
+    }
+    exports.finished_running(&id);
+}
+
 fn request_path(definition: &FeedDefinition, group: bool) -> String {
     if group {
         format!("/fhir/Group/{}/$export", definition.id)
     } else {
         "/fhir/$export".to_owned()
     }
+}
+
+fn failed_outcome(message: &str) -> Response {
+    // Bulk Data: a failed export's status is a 5xx with an OperationOutcome.
+    fhir_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &OperationOutcome::single(Issue::request(IssueCode::Exception, message)).to_json(),
+    )
+}
+
+fn in_progress(progress: ExportProgress) -> Response {
+    let mut response = StatusCode::ACCEPTED.into_response();
+    let text = format!(
+        "scanned {} log entries, {} records written",
+        progress.scanned, progress.written
+    );
+    if let Ok(value) = HeaderValue::from_str(&text) {
+        response.headers_mut().insert("x-progress", value);
+    }
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// The stored manifest of a complete job.
+fn manifest_of(job: &StoredJob) -> Result<ExportManifest, ApiError> {
+    let text = job.manifest.as_deref().ok_or(ApiError::Internal)?;
+    serde_json::from_str(text).map_err(|error| {
+        tracing::error!(export = %job.id, %error, "bulk export: the stored manifest does not parse");
+        ApiError::Internal
+    })
 }
 
 async fn status(
@@ -393,33 +593,30 @@ async fn status(
     let Some(Extension(exports)) = exports else {
         return Err(not_configured());
     };
-    let job = exports.job(&id, &caller)?;
-    let current = job.state.lock().map_err(|_| ApiError::Internal)?.clone();
-    match current {
-        JobState::Running => {
-            let mut response = StatusCode::ACCEPTED.into_response();
-            let progress = format!(
-                "scanned {} log entries, {} records written",
-                job.control.scanned(),
-                job.control.written()
-            );
-            if let Ok(value) = HeaderValue::from_str(&progress) {
-                response.headers_mut().insert("x-progress", value);
+    // Looked at before the row: a job running here is registered before its row exists and
+    // unregistered after its end is recorded, so "in progress, not running here" is reliable.
+    let live = exports.running(&id)?;
+    let job = exports.job(state.store.as_ref(), &id, &caller).await?;
+    match job.state {
+        ExportJobState::InProgress => {
+            if let Some(control) = live {
+                return Ok(in_progress(progress(&control)));
             }
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-            Ok(response)
+            if job.instance_id == exports.instance_id {
+                // Ours, yet not running in this process: it died before its end was recorded.
+                return Ok(failed_outcome(INTERRUPTED));
+            }
+            let silent = OffsetDateTime::now_utc() - job.updated_at;
+            if silent > STALE_AFTER {
+                return Ok(failed_outcome(STOPPED));
+            }
+            Ok(in_progress(job.progress))
         }
-        JobState::Failed => Ok(fhir_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &OperationOutcome::single(Issue::request(
-                IssueCode::Exception,
-                "the export failed; kick off a new one",
-            ))
-            .to_json(),
-        )),
-        JobState::Done(manifest) => {
+        ExportJobState::Failed | ExportJobState::Cancelled => {
+            Ok(failed_outcome(job.error.as_deref().unwrap_or(FAILED)))
+        }
+        ExportJobState::Complete => {
+            let manifest = manifest_of(&job)?;
             let output: Vec<serde_json::Value> = manifest
                 .files
                 .iter()
@@ -455,6 +652,7 @@ async fn status(
 }
 
 async fn cancel(
+    State(state): State<SharedState>,
     exports: Option<Extension<Arc<BulkExports>>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -462,24 +660,24 @@ async fn cancel(
     let Some(Extension(exports)) = exports else {
         return Err(not_configured());
     };
-    let job = exports.job(&id, &caller)?;
-    job.control.cancel();
-    exports
-        .jobs
-        .lock()
-        .map_err(|_| ApiError::Internal)?
-        .remove(&job.id);
-    if matches!(
-        *job.state.lock().map_err(|_| ApiError::Internal)?,
-        JobState::Done(_)
-    ) {
-        let directory = export_dir(&exports.data_dir, &job.feed, &job.id);
-        let _ = tokio::fs::remove_dir_all(directory).await;
+    let job = exports.job(state.store.as_ref(), &id, &caller).await?;
+    // A job running elsewhere learns of it at its next progress write and removes its files.
+    let before = state
+        .store
+        .cancel_export_job(&job.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if let Some(control) = exports.running(&job.id)? {
+        control.cancel();
+    }
+    if before != ExportJobState::InProgress {
+        let _ = tokio::fs::remove_dir_all(exports.directory(&job)).await;
     }
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
 async fn file(
+    State(state): State<SharedState>,
     exports: Option<Extension<Arc<BulkExports>>>,
     caller: Caller,
     Path((id, name)): Path<(String, String)>,
@@ -487,21 +685,31 @@ async fn file(
     let Some(Extension(exports)) = exports else {
         return Err(not_configured());
     };
-    let job = exports.job(&id, &caller)?;
-    let manifest = match &*job.state.lock().map_err(|_| ApiError::Internal)? {
-        JobState::Done(manifest) => manifest.clone(),
-        _ => return Err(ApiError::NotFound),
-    };
+    let job = exports.job(state.store.as_ref(), &id, &caller).await?;
+    if job.state != ExportJobState::Complete {
+        return Err(ApiError::NotFound);
+    }
+    let manifest = manifest_of(&job)?;
     // Only names the manifest lists: never a path built from the request.
     let listed = manifest
         .files
         .iter()
         .find(|f| f.file_name == name)
         .ok_or(ApiError::NotFound)?;
-    let path = export_dir(&exports.data_dir, &job.feed, &job.id).join(&listed.file_name);
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| ApiError::NotFound)?;
+    let path = exports.directory(&job).join(&listed.file_name);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(error) => {
+            // Listed but absent: the export directory is not shared with the instance that
+            // wrote it, or the files were removed. Said plainly, without the path.
+            tracing::warn!(export = %job.id, feed = %job.feed, %error, "bulk export: a listed file is not on this instance");
+            return Ok(fhir_response(
+                StatusCode::NOT_FOUND,
+                &OperationOutcome::single(Issue::request(IssueCode::NotFound, FILE_ELSEWHERE))
+                    .to_json(),
+            ));
+        }
+    };
     let stream = futures_util::stream::unfold(file, |mut file| async move {
         use tokio::io::AsyncReadExt as _;
         let mut buffer = vec![0u8; 64 * 1024];

@@ -284,6 +284,10 @@ pub struct FeedsSection {
     pub definitions: Option<PathBuf>,
     /// The feed key file (mode 0600).
     pub key_file: Option<PathBuf>,
+    /// Where exports are written (`<export_dir>/feeds/<feed>/<export-id>/`); default the data
+    /// directory. In cluster mode a directory every instance shares, so any instance can serve
+    /// the files of an export another one ran.
+    pub export_dir: Option<PathBuf>,
 }
 
 /// The IG officers' listener: the audit API and web console (`crate::admin`), HTTPS with the same
@@ -985,6 +989,7 @@ impl Validator<'_> {
             feeds: FeedsSection {
                 definitions: file.feeds.definitions.as_deref().map(|p| self.resolve(p)),
                 key_file: file.feeds.key_file.as_deref().map(|p| self.resolve(p)),
+                export_dir: file.feeds.export_dir.as_deref().map(|p| self.resolve(p)),
             },
             policy: file.policy.map(|policy| PolicySection {
                 dir: self.resolve(&policy.dir),

@@ -625,8 +625,15 @@ pub async fn run(
     let feed_policy: Option<Arc<dyn caregate_feeds::FeedPolicy>> = policy
         .as_ref()
         .map(|stage| Arc::new(crate::policy_stage::SharedPolicy(Arc::clone(stage))) as _);
-    let app =
-        crate::bulk_export::attach(app, &config, feed_policy).map_err(StartError::Partners)?;
+    // Export jobs are kept in the store under this instance's id (cluster mode: its PostgreSQL
+    // instance id; one SQLite file has one instance).
+    let instance_id = match &config.store {
+        crate::config::StoreSettings::Postgres(pg) => pg.instance_id.clone(),
+        crate::config::StoreSettings::Sqlite => "local".to_owned(),
+    };
+    let app = crate::bulk_export::attach(app, &config, feed_policy, store.as_ref(), &instance_id)
+        .await
+        .map_err(StartError::Partners)?;
     let started = Started {
         local_addr,
         base_url,
