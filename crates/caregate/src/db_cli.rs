@@ -56,8 +56,9 @@ fn migrate(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let pg = postgres_settings(&config)?;
     let url = pg.url().map_err(anyhow::Error::msg)?;
-    let version =
-        block_on(caregate_store::postgres::migrate(url.expose()))?.context("migration failed")?;
+    let tls = pg.tls().map_err(anyhow::Error::msg)?;
+    let version = block_on(caregate_store::postgres::migrate(url.expose(), &tls))?
+        .context("migration failed")?;
     println!("schema version {version}: up to date");
     Ok(ExitCode::SUCCESS)
 }
@@ -113,17 +114,24 @@ pub(crate) fn verify_configured(
 fn verify_cluster(config: &Config, given_key: Option<&str>) -> anyhow::Result<ExitCode> {
     let pg = postgres_settings(config)?;
     let url = pg.url().map_err(anyhow::Error::msg)?;
+    let tls = pg.tls().map_err(anyhow::Error::msg)?;
     let key = public_key(config, given_key)?;
     let base = config.audit.log_id.clone();
     let results = block_on(async move {
         let mut results = Vec::new();
-        for instance in caregate_store::postgres::audit_instances(url.expose()).await? {
+        for instance in caregate_store::postgres::audit_instances(url.expose(), &tls).await? {
             let verifier =
                 CheckpointVerifier::from_public_key_base64(instance_log_id(&base, &instance), &key)
                     .map_err(|e| anyhow::anyhow!("public key: {e}"))?;
             results.push(
-                caregate_store::postgres::verify_instance(url.expose(), &instance, &verifier, &[])
-                    .await?,
+                caregate_store::postgres::verify_instance(
+                    url.expose(),
+                    &tls,
+                    &instance,
+                    &verifier,
+                    &[],
+                )
+                .await?,
             );
         }
         anyhow::Ok(results)

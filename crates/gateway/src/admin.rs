@@ -763,8 +763,10 @@ async fn run_verification(admin: &AdminState) -> Result<AuditVerification, Strin
         let verifier = caregate_audit::CheckpointVerifier::from_public_key_base64(log_id, key)
             .map_err(|e| format!("the audit log's public key is not valid: {e}"))?;
         let url = pg.url()?;
+        let tls = pg.tls()?;
         return caregate_store::postgres::verify_instance(
             url.expose(),
+            &tls,
             &pg.instance_id,
             &verifier,
             &[],

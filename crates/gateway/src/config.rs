@@ -104,6 +104,36 @@ pub struct PostgresSection {
     /// seconds.
     #[serde(default = "default_instance_lock_wait_secs")]
     pub instance_lock_wait_secs: u64,
+    /// TLS to the database (libpq `sslmode` meanings). Unset: `verify-full` if `ca_file` is set
+    /// or any host in the URL is not loopback, `disable` if every host is loopback or a unix
+    /// socket (decided at start, when the URL is read).
+    pub tls: Option<PostgresTlsMode>,
+    /// PEM file of the CA certificate(s) that issued the database's certificate, for
+    /// `verify-full`. Relative to the config.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `store.postgres.tls`, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresTlsMode {
+    /// No TLS (loopback, a unix socket).
+    Disable,
+    /// Encrypted, but the server's certificate is not checked: no protection against an active
+    /// attacker posing as the database.
+    Require,
+    /// Encrypted; the certificate must chain to `ca_file` and name the host in the URL.
+    VerifyFull,
+}
+
+impl From<PostgresTlsMode> for caregate_store::postgres::TlsMode {
+    fn from(mode: PostgresTlsMode) -> Self {
+        match mode {
+            PostgresTlsMode::Disable => Self::Disable,
+            PostgresTlsMode::Require => Self::Require,
+            PostgresTlsMode::VerifyFull => Self::VerifyFull,
+        }
+    }
 }
 
 fn default_instance_lock_wait_secs() -> u64 {
@@ -126,6 +156,10 @@ pub struct PostgresSettings {
     pub max_batch: usize,
     pub read_connections: usize,
     pub instance_lock_wait: Duration,
+    /// `None`: decided by the URL's hosts (see [`PostgresSection::tls`]).
+    pub tls: Option<caregate_store::postgres::TlsMode>,
+    /// Resolved against the config file's directory; read by [`PostgresSettings::tls`].
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PostgresSettings {
@@ -153,7 +187,27 @@ impl PostgresSettings {
         }
     }
 
-    /// The store options for this instance (without audit signing).
+    /// The TLS settings for every connection to the database (reads `ca_file` now). Errors name
+    /// the field and the file.
+    pub fn tls(&self) -> Result<caregate_store::postgres::PostgresTls, String> {
+        use caregate_store::postgres::{CaCertificates, PostgresTls};
+        let ca = match &self.ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!("cannot read store.postgres.ca_file {}: {e}", path.display())
+                })?;
+                Some(
+                    CaCertificates::from_pem(&pem)
+                        .map_err(|e| format!("store.postgres.ca_file {}: {e}", path.display()))?,
+                )
+            }
+        };
+        PostgresTls::new(self.tls, ca).map_err(|e| format!("store.postgres.tls: {e}"))
+    }
+
+    /// The store options for this instance (without audit signing and TLS, see
+    /// [`PostgresSettings::tls`]).
     pub fn options(&self) -> caregate_store::postgres::PostgresOptions {
         let mut options = caregate_store::postgres::PostgresOptions::new(self.instance_id.clone());
         options.max_batch = self.max_batch;
@@ -1004,6 +1058,7 @@ impl Validator<'_> {
     }
 
     fn validate_store(&self, section: StoreSection) -> Result<StoreSettings, ConfigError> {
+        use caregate_store::postgres::TlsMode;
         let line = |key: &str| self.key_line("store.postgres", key);
         let at = |field: &str, key: &str, message: &str| ConfigError {
             file: self.path.to_owned(),
@@ -1073,12 +1128,38 @@ impl Validator<'_> {
                         "must be between 1 and 64",
                     ));
                 }
+                // Whether the database is local is known only when the URL is read (it may be in
+                // a file); what does not depend on it is checked here.
+                let tls = pg.tls.map(caregate_store::postgres::TlsMode::from);
+                match tls {
+                    Some(TlsMode::VerifyFull) if pg.ca_file.is_none() => {
+                        return Err(at(
+                            "store.postgres.ca_file",
+                            "tls",
+                            "is required with tls = \"verify-full\": the PEM file of the CA \
+                             certificate(s) that issued the database's certificate",
+                        ));
+                    }
+                    Some(mode @ (TlsMode::Disable | TlsMode::Require)) if pg.ca_file.is_some() => {
+                        return Err(at(
+                            "store.postgres.ca_file",
+                            "ca_file",
+                            &format!(
+                                "is only used with tls = \"verify-full\"; tls = \"{mode}\" \
+                                 does not check the database's certificate"
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
                 Ok(StoreSettings::Postgres(PostgresSettings {
                     url,
                     instance_id,
                     max_batch: pg.max_batch,
                     read_connections: pg.read_connections,
                     instance_lock_wait: Duration::from_secs(pg.instance_lock_wait_secs),
+                    tls,
+                    ca_file: pg.ca_file.as_deref().map(|path| self.resolve(path)),
                 }))
             }
         }
@@ -1501,6 +1582,95 @@ jwks = { keys = [] }
         assert_eq!(err.line, Some(15), "{err}");
         let config = parse(&typo.replace("instance =", "instance_id =")).unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn store_postgres_tls_modes_and_ca_file() {
+        use caregate_store::postgres::TlsMode;
+        let section = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl_file = \"db-url\"\ninstance_id = \"gw-0\"\n{extra}"
+            )
+        };
+        let postgres = |text: &str| match parse(text).unwrap().store {
+            StoreSettings::Postgres(pg) => pg,
+            StoreSettings::Sqlite => panic!("expected postgres"),
+        };
+        // Unset: decided by the URL's hosts when it is read.
+        let pg = postgres(&section(""));
+        assert_eq!((pg.tls, pg.ca_file), (None, None));
+        let pg = postgres(&section("tls = \"verify-full\"\nca_file = \"pg/ca.pem\"\n"));
+        assert_eq!(pg.tls, Some(TlsMode::VerifyFull));
+        assert_eq!(
+            pg.ca_file,
+            Some(PathBuf::from("/etc/caregate/pg/ca.pem")),
+            "relative to the config file"
+        );
+        assert_eq!(
+            postgres(&section("tls = \"require\"\n")).tls,
+            Some(TlsMode::Require)
+        );
+        assert_eq!(
+            postgres(&section("tls = \"disable\"\n")).tls,
+            Some(TlsMode::Disable)
+        );
+        // A CA file alone means verify-full (checked when connecting).
+        assert_eq!(postgres(&section("ca_file = \"ca.pem\"\n")).tls, None);
+
+        // libpq's other modes are not offered; the error names the line and the choices.
+        let err = parse(&section("tls = \"verify-ca\"\n")).unwrap_err();
+        assert!(err.to_string().contains("verify-full"), "{err}");
+        assert_eq!(err.line, Some(19), "{err}");
+        let err = parse(&section("tls = \"verify-full\"\n")).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("store.postgres.ca_file"));
+        assert_eq!(err.line, Some(19), "{err}");
+        for mode in ["disable", "require"] {
+            let err = parse(&section(&format!(
+                "tls = \"{mode}\"\nca_file = \"ca.pem\"\n"
+            )))
+            .unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("store.postgres.ca_file"));
+            assert_eq!(err.line, Some(20), "{err}");
+            assert!(err.to_string().contains(mode), "{err}");
+        }
+    }
+
+    #[test]
+    fn store_postgres_ca_file_errors_name_the_field_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = |ca_file: PathBuf| PostgresSettings {
+            url: DatabaseUrlSource::Inline(DatabaseUrl("host=db".to_owned())),
+            instance_id: "gw-0".to_owned(),
+            max_batch: 1,
+            read_connections: 1,
+            instance_lock_wait: Duration::from_secs(1),
+            tls: Some(caregate_store::postgres::TlsMode::VerifyFull),
+            ca_file: Some(ca_file),
+        };
+        let missing = dir.path().join("missing.pem");
+        let err = settings(missing.clone()).tls().unwrap_err();
+        assert!(
+            err.starts_with("cannot read store.postgres.ca_file")
+                && err.contains(&missing.display().to_string()),
+            "{err}"
+        );
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = settings(not_pem.clone()).tls().unwrap_err();
+        assert!(
+            err.starts_with("store.postgres.ca_file")
+                && err.contains(&not_pem.display().to_string())
+                && err.contains("no CERTIFICATE"),
+            "{err}"
+        );
+        let ca = caregate_testkit::partner_server::TestCa::new("config test CA");
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        let tls = settings(good).tls().unwrap();
+        assert_eq!(
+            tls.mode(),
+            Some(caregate_store::postgres::TlsMode::VerifyFull)
+        );
     }
 
     #[test]

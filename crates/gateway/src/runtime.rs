@@ -209,6 +209,7 @@ impl OpenedStore {
                 };
                 let url = pg.url().map_err(store_error)?;
                 let mut options = pg.options();
+                options.tls = pg.tls().map_err(store_error)?;
                 options.audit_signing = Some(signing);
                 // The URL is never logged: it may carry a password.
                 let store = PostgresStore::connect(url.expose(), options)

@@ -39,9 +39,11 @@
 //! poisons the store (fail-stop), as in SQLite. A `COMMIT` that returned is durable: PostgreSQL
 //! itself stops (PANIC) rather than continue after a failed WAL fsync.
 //!
-//! **TLS.** Connections use `NoTls` for now: run PostgreSQL on loopback or a private network
-//! (or a unix socket). TLS to the database, when needed, is a `tokio-postgres-rustls` connector
-//! (rustls on aws-lc-rs) passed where [`connect_client`] passes `NoTls`.
+//! **TLS** ([`tls`]): every connection — writer, readers, migrations, audit verification —
+//! is opened by [`connect_client`] with the [`PostgresTls`] settings resolved against the URL's
+//! hosts: `disable`, `require` or `verify-full` with libpq's meaning, rustls on aws-lc-rs.
+//! Without a mode, `verify-full` unless every host is loopback or a unix socket, so a database on
+//! another host is never reached in clear by default.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -54,7 +56,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row};
+use tokio_postgres::{Client, Config, Row};
 
 use crate::sqlite::{AuditSigning, StoreStats};
 use crate::{
@@ -65,8 +67,11 @@ use crate::{
 mod delivery;
 mod query;
 mod schema;
+mod tls;
 mod verify;
 mod writer;
+
+pub use tls::{CaCertificates, PostgresTls, PostgresTlsError, TlsMode};
 
 pub use verify::{
     InstanceVerification, PostgresAuditVerification, audit_instances, verify_audit, verify_instance,
@@ -111,6 +116,8 @@ pub struct PostgresOptions {
     /// How long [`PostgresStore::connect`] waits for the instance id to be free (a previous
     /// process of this instance whose connection the server has not yet dropped).
     pub instance_lock_wait: Duration,
+    /// TLS for every connection of the store (default: by host, see [`PostgresTls::by_host`]).
+    pub tls: PostgresTls,
 }
 
 impl PostgresOptions {
@@ -122,6 +129,7 @@ impl PostgresOptions {
             read_connections: Self::default_read_connections(),
             audit_signing: None,
             instance_lock_wait: Self::default_instance_lock_wait(),
+            tls: PostgresTls::by_host(),
         }
     }
 
@@ -141,14 +149,12 @@ impl PostgresOptions {
     }
 }
 
-/// Apply pending schema migrations to the database at `url` and return the schema version (for
-/// `caregate db migrate`, run before rolling out a new version; [`PostgresStore::connect`] does
-/// the same at start).
-pub async fn migrate(url: &str) -> Result<usize, StoreError> {
-    let config: Config = url
-        .parse()
-        .map_err(|error| StoreError::Failed(format!("invalid PostgreSQL URL: {error}")))?;
-    let mut client = connect_client(&config, "migrate")
+/// Apply pending schema migrations to the database at `url` (over `tls`) and return the schema
+/// version (for `caregate db migrate`, run before rolling out a new version;
+/// [`PostgresStore::connect`] does the same at start).
+pub async fn migrate(url: &str, tls: &PostgresTls) -> Result<usize, StoreError> {
+    let endpoint = Endpoint::new(url, tls)?;
+    let mut client = connect_client(&endpoint, "migrate")
         .await
         .map_err(opening_error)?;
     schema::migrate(&mut client).await.map_err(opening_error)?;
@@ -175,12 +181,11 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connect to `url` (a `postgres://` URL or libpq `key=value` string), apply pending schema
-    /// migrations, take this instance's id, load its audit tree and start the writer task.
+    /// Connect to `url` (a `postgres://` URL or libpq `key=value` string) with
+    /// [`PostgresOptions::tls`], apply pending schema migrations, take this instance's id, load
+    /// its audit tree and start the writer task.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let config: Config = url
-            .parse()
-            .map_err(|error| StoreError::Failed(format!("invalid PostgreSQL URL: {error}")))?;
+        let config = Endpoint::new(url, &options.tls)?;
         if options.instance_id.is_empty() || options.instance_id.len() > 200 {
             return Err(StoreError::Failed(
                 "the instance id must be 1 to 200 characters".to_owned(),
@@ -200,8 +205,10 @@ impl PostgresStore {
 
         let read_connections = options.read_connections.max(1);
         let mut reader_config = config.clone();
-        if reader_config.get_application_name().is_none() {
-            reader_config.application_name(format!("caregate reader {}", options.instance_id));
+        if reader_config.config.get_application_name().is_none() {
+            reader_config
+                .config
+                .application_name(format!("caregate reader {}", options.instance_id));
         }
         let mut clients = Vec::with_capacity(read_connections);
         for _ in 0..read_connections {
@@ -501,21 +508,42 @@ fn mismatch() -> StoreError {
     StoreError::Failed("the store writer answered a different request".to_owned())
 }
 
+/// Where and how to connect: the parsed URL, its `sslmode` set by the resolved TLS mode, and the
+/// connector for that mode. Built once; every (re)connection uses it.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    config: Config,
+    connector: tls::Connector,
+}
+
+impl Endpoint {
+    fn new(url: &str, tls: &PostgresTls) -> Result<Self, StoreError> {
+        // tokio-postgres's parse errors name the option, never echo the URL (which may hold a
+        // password).
+        let mut config: Config = url
+            .parse()
+            .map_err(|error| StoreError::Failed(format!("invalid PostgreSQL URL: {error}")))?;
+        let connector = tls
+            .resolve(&mut config)
+            .map_err(|error| StoreError::Failed(error.to_string()))?;
+        Ok(Self { config, connector })
+    }
+}
+
 /// Open one connection and drive it on its own task. Every connection commits synchronously
 /// (the server default, set explicitly so a server-wide `off` cannot weaken invariant 1).
 /// `role` names the connection in `pg_stat_activity` (`caregate <role>`), so operators see which
 /// connections are writers.
-async fn connect_client(config: &Config, role: &str) -> Result<Client, Fault> {
-    let mut config = config.clone();
+async fn connect_client(endpoint: &Endpoint, role: &str) -> Result<Client, Fault> {
+    let mut config = endpoint.config.clone();
     if config.get_application_name().is_none() {
         config.application_name(format!("caregate {role}"));
     }
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::warn!(error = %error, "postgres connection ended");
-        }
-    });
+    let client = endpoint
+        .connector
+        .connect(&config)
+        .await
+        .map_err(Fault::Connect)?;
     client
         .batch_execute("SET synchronous_commit = on; SET TIME ZONE 'UTC'")
         .await?;
@@ -525,7 +553,7 @@ async fn connect_client(config: &Config, role: &str) -> Result<Client, Fault> {
 /// Read connections, shared round-robin (a `Client` pipelines concurrent queries).
 #[derive(Debug)]
 struct ReadPool {
-    config: Config,
+    config: Endpoint,
     clients: Mutex<Vec<Arc<Client>>>,
     next: AtomicUsize,
 }
@@ -599,6 +627,18 @@ enum Severity {
     Local,
 }
 
+/// `error` and its sources, `: `-separated.
+fn error_chain(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn severity(error: &tokio_postgres::Error) -> Severity {
     severity_of(error.code().map(tokio_postgres::error::SqlState::code))
 }
@@ -629,6 +669,11 @@ enum Fault {
     Refused(StoreError),
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// A connection could not be opened. The message carries the causes (tokio-postgres's own
+    /// says only "error performing TLS handshake" or "db error"): the TLS failure, or the
+    /// server's refusal (`pg_hba.conf`, authentication). No row data can be in them.
+    #[error("cannot connect to PostgreSQL: {}", error_chain(.0))]
+    Connect(tokio_postgres::Error),
     /// Stored data that cannot be what this code wrote.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -644,7 +689,7 @@ impl Fault {
     fn severity(&self) -> Severity {
         match self {
             Self::Refused(_) | Self::Encode(_) | Self::Internal(_) => Severity::Local,
-            Self::Postgres(error) => severity(error),
+            Self::Postgres(error) | Self::Connect(error) => severity(error),
             Self::Corrupt(_) => Severity::Fatal,
         }
     }

@@ -22,7 +22,7 @@ use caregate_audit::checkpoint::{CheckpointSchedule, CheckpointSigner};
 use caregate_audit::{Action, Actor, AuditEvent, Outcome};
 use caregate_store::delivery::{DeliveryChannel, DeliveryResult, NewDelivery};
 use caregate_store::postgres::{
-    PostgresOptions, PostgresStore, migrate, verify_audit, verify_instance,
+    PostgresOptions, PostgresStore, PostgresTls, migrate, verify_audit, verify_instance,
 };
 use caregate_store::sqlite::AuditSigning;
 use caregate_store::{Store, StoreError, WriteMode};
@@ -161,6 +161,7 @@ async fn cluster_readers_following_the_log_see_every_commit_exactly_once_in_orde
         .unwrap();
     let verification = verify_audit(
         &cluster.url,
+        &PostgresTls::by_host(),
         &CheckpointSigner::generate("caregate.test/audit")
             .unwrap()
             .verifier(),
@@ -283,7 +284,12 @@ async fn migrations_apply_once_when_instances_start_together() {
     let again = cluster.open_instance("gw-a", TestOptions::default()).await;
     again.close().await.unwrap();
     // `caregate db migrate` on an up-to-date database changes nothing.
-    assert_eq!(migrate(&cluster.url).await.unwrap(), 2);
+    assert_eq!(
+        migrate(&cluster.url, &PostgresTls::by_host())
+            .await
+            .unwrap(),
+        2
+    );
     let client = cluster.client().await;
     let versions: Vec<i32> = client
         .query(
@@ -356,7 +362,7 @@ async fn t1_every_instance_chain_verifies_against_its_own_checkpoints() {
     let Some(cluster) = cluster() else { return };
     let signer = Arc::new(CheckpointSigner::generate("caregate.test/audit").unwrap());
     two_instance_audit(&cluster, &signer).await;
-    let result = verify_audit(&cluster.url, &signer.verifier())
+    let result = verify_audit(&cluster.url, &PostgresTls::by_host(), &signer.verifier())
         .await
         .unwrap();
     assert!(result.is_ok(), "{result:?}");
@@ -376,7 +382,9 @@ async fn t1_every_instance_chain_verifies_against_its_own_checkpoints() {
     }
     // A checkpoint from another key does not attest anything.
     let other = CheckpointSigner::generate("caregate.test/audit").unwrap();
-    let result = verify_audit(&cluster.url, &other.verifier()).await.unwrap();
+    let result = verify_audit(&cluster.url, &PostgresTls::by_host(), &other.verifier())
+        .await
+        .unwrap();
     assert!(
         result
             .instances
@@ -400,7 +408,7 @@ async fn t1_an_edited_event_is_named_by_its_global_seq() {
         )
         .await
         .unwrap();
-    let result = verify_audit(&cluster.url, &signer.verifier())
+    let result = verify_audit(&cluster.url, &PostgresTls::by_host(), &signer.verifier())
         .await
         .unwrap();
     assert!(!result.is_ok());
@@ -426,9 +434,15 @@ async fn t1_a_deleted_event_is_detected_and_stops_its_instance_from_opening() {
         .execute("DELETE FROM audit_events WHERE seq = 13", &[])
         .await
         .unwrap();
-    let result = verify_instance(&cluster.url, "gw-a", &signer.verifier(), &[])
-        .await
-        .unwrap();
+    let result = verify_instance(
+        &cluster.url,
+        &PostgresTls::by_host(),
+        "gw-a",
+        &signer.verifier(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(
         result.verification.report.tree_size == 6 || !result.is_ok(),
         "{result:?}"
@@ -464,9 +478,15 @@ async fn a_clean_close_signs_a_checkpoint_over_every_audit_event() {
         store.submit(audit_only("gp", read_event(n))).await.unwrap();
     }
     store.close().await.unwrap();
-    let result = verify_instance(&cluster.url, "gw-a", &signer.verifier(), &[])
-        .await
-        .unwrap();
+    let result = verify_instance(
+        &cluster.url,
+        &PostgresTls::by_host(),
+        "gw-a",
+        &signer.verifier(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(result.verification.report.attested_size, 3, "{result:?}");
 }

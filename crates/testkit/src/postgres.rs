@@ -11,6 +11,12 @@
 //! server runs as the `postgres` user (else `nobody`) through `runuser`, in a directory chowned to
 //! that user.
 //!
+//! TLS ([`PgServerOptions::tls`]): `ssl = on` with a given certificate and key (e.g. issued by
+//! [`crate::partner_server::TestCa`]), optionally refusing TCP connections without TLS
+//! (`pg_hba.conf` with `hostssl` lines only). With TLS, the superuser is trusted and every other
+//! role authenticates with SCRAM-SHA-256 over TCP (so channel binding can be tested); the unix
+//! socket stays trusted for set-up.
+//!
 //! Cleanup: dropping a [`PgServer`] stops the server (`pg_ctl stop -m immediate`: a throw-away
 //! cluster needs no shutdown checkpoint) and removes the directory. A server kept in a `static`
 //! (one per test binary, [`shared`]) is never dropped, so a small watchdog shell waits for the
@@ -27,6 +33,24 @@ pub const SKIPPED_NO_POSTGRES: &str = "skipped: PostgreSQL binaries not found (i
 /// The superuser `initdb` creates (trust authentication on loopback only).
 const SUPERUSER: &str = "caregate";
 
+/// How to start a [`PgServer`].
+#[derive(Debug, Clone, Default)]
+pub struct PgServerOptions {
+    /// Serve TLS.
+    pub tls: Option<PgServerTls>,
+}
+
+/// A test server's TLS.
+#[derive(Debug, Clone)]
+pub struct PgServerTls {
+    /// The server's certificate (chain), PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// Refuse TCP connections without TLS (`hostssl` only in `pg_hba.conf`).
+    pub required: bool,
+}
+
 /// A running throw-away PostgreSQL server.
 #[derive(Debug)]
 pub struct PgServer {
@@ -38,6 +62,8 @@ pub struct PgServer {
     run_as: Option<String>,
     watchdog: Option<Child>,
     databases: AtomicU64,
+    /// `ssl = on` with `tls/server.crt` and `tls/server.key`.
+    tls: bool,
 }
 
 /// The server shared by every test of this test binary (started on first use), or `None` if the
@@ -55,11 +81,16 @@ pub fn shared() -> Option<&'static PgServer> {
 impl PgServer {
     /// Start a server, or `None` if no PostgreSQL binaries were found.
     pub fn start() -> Option<Result<Self, String>> {
-        let bin = find_bindir()?;
-        Some(Self::start_in(bin))
+        Self::start_with(&PgServerOptions::default())
     }
 
-    fn start_in(bin: PathBuf) -> Result<Self, String> {
+    /// Start a server with `options`, or `None` if no PostgreSQL binaries were found.
+    pub fn start_with(options: &PgServerOptions) -> Option<Result<Self, String>> {
+        let bin = find_bindir()?;
+        Some(Self::start_in(bin, options))
+    }
+
+    fn start_in(bin: PathBuf, options: &PgServerOptions) -> Result<Self, String> {
         let root = std::env::temp_dir().join(format!(
             "caregate-pg-{}-{}",
             std::process::id(),
@@ -67,6 +98,9 @@ impl PgServer {
         ));
         std::fs::create_dir_all(root.join("socket"))
             .map_err(|error| format!("cannot create {}: {error}", root.display()))?;
+        if let Some(tls) = &options.tls {
+            write_tls_files(&root, tls)?;
+        }
         let run_as = if is_root() {
             Some(unprivileged_user()?)
         } else {
@@ -82,8 +116,12 @@ impl PgServer {
             run_as,
             watchdog: None,
             databases: AtomicU64::new(0),
+            tls: options.tls.is_some(),
         };
         server.initdb()?;
+        if let Some(tls) = &options.tls {
+            server.write_hba(tls.required)?;
+        }
         // A free port can be taken by someone else between our probe and the server's bind:
         // try a few.
         let mut last_error = String::new();
@@ -118,12 +156,25 @@ impl PgServer {
         )
     }
 
-    /// Create a new, empty database and return its connection string.
+    /// A connection string for `database` as the superuser over the unix socket (trusted, no
+    /// TLS whatever the server's TLS options).
+    pub fn socket_url(&self, database: &str) -> String {
+        format!(
+            "host={} port={} user={SUPERUSER} dbname={database}",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// Create a new, empty database and return its connection string (TCP, see [`Self::url`]).
     pub fn create_database(&self) -> Result<String, String> {
         let n = self.databases.fetch_add(1, Ordering::Relaxed);
         let name = format!("test_{n}");
+        // Over the unix socket: trusted whatever the TCP rules (a TLS-only server).
         let output = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string()])
             .args(["-U", SUPERUSER, &name])
             .output()
             .map_err(|error| format!("cannot run createdb: {error}"))?;
@@ -174,14 +225,36 @@ impl PgServer {
         }
     }
 
+    /// `pg_hba.conf` for a TLS server: the socket trusted; over TCP the superuser trusted and
+    /// other roles by SCRAM-SHA-256; `hostssl` only if TLS is `required`.
+    fn write_hba(&self, required: bool) -> Result<(), String> {
+        let kind = if required { "hostssl" } else { "host" };
+        let mut text = String::from("local all all trust\n");
+        for network in ["127.0.0.1/32", "::1/128"] {
+            text.push_str(&format!("{kind} all {SUPERUSER} {network} trust\n"));
+            text.push_str(&format!("{kind} all all {network} scram-sha-256\n"));
+        }
+        let path = self.root.join("data").join("pg_hba.conf");
+        std::fs::write(&path, text)
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))
+    }
+
     fn pg_ctl_start(&self) -> Result<(), String> {
         // Loopback TCP only; the socket in our directory; small memory; fsync stays on (the
         // store's durability rule is tested against a real commit path).
-        let options = format!(
+        let mut options = format!(
             "-h 127.0.0.1 -p {} -k {} -c shared_buffers=16MB -c max_connections=60",
             self.port,
             self.socket_dir().display()
         );
+        if self.tls {
+            let dir = self.root.join("tls");
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display()
+            ));
+        }
         let output = self
             .command("pg_ctl")
             .arg("-D")
@@ -246,6 +319,27 @@ impl Drop for PgServer {
             .stdin(Stdio::null())
             .status();
     }
+}
+
+/// `tls/server.crt` and `tls/server.key` (0600: PostgreSQL refuses a key others can read; the
+/// tree is chowned to the server's user afterwards).
+fn write_tls_files(root: &Path, tls: &PgServerTls) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = root.join("tls");
+    std::fs::create_dir_all(&dir)
+        .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    for (name, text) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn unique_suffix() -> u64 {

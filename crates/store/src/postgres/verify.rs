@@ -4,10 +4,10 @@
 
 use caregate_audit::event_hash::CanonicalEvent;
 use caregate_audit::{AuditEvent, CheckpointVerifier, Hash, LogVerifier, SignedCheckpoint};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 
 use super::writer::serde_name;
-use super::{connect_client, opening_error};
+use super::{Endpoint, PostgresTls, connect_client, opening_error};
 use crate::sqlite::AuditVerification;
 use crate::{Seq, StoreError};
 
@@ -50,7 +50,7 @@ impl InstanceVerification {
     }
 }
 
-/// Verify every instance's audit chain in the database at `url`: recompute every leaf and
+/// Verify every instance's audit chain in the database at `url` (over `tls`): recompute every leaf and
 /// compare it with the recorded one, check leaf indexes are contiguous from 1, check every stored
 /// checkpoint and every `extra` one (a witness's; matched to an instance by nothing but its
 /// signature, so pass those of one instance at a time with [`verify_instance`]) is signed by
@@ -58,9 +58,10 @@ impl InstanceVerification {
 /// Instances signing under different log ids need one call of [`verify_instance`] each.
 pub async fn verify_audit(
     url: &str,
+    tls: &PostgresTls,
     verifier: &CheckpointVerifier,
 ) -> Result<PostgresAuditVerification, StoreError> {
-    let client = connect(url).await?;
+    let client = connect(url, tls).await?;
     let mut instances = Vec::new();
     for instance in instance_ids(&client).await? {
         instances.push(verify_on(&client, &instance, verifier, &[]).await?);
@@ -70,8 +71,8 @@ pub async fn verify_audit(
 
 /// The ids of every instance that has written audit events or checkpoints, in order (to verify
 /// each with its own log id through [`verify_instance`]).
-pub async fn audit_instances(url: &str) -> Result<Vec<String>, StoreError> {
-    let client = connect(url).await?;
+pub async fn audit_instances(url: &str, tls: &PostgresTls) -> Result<Vec<String>, StoreError> {
+    let client = connect(url, tls).await?;
     instance_ids(&client).await
 }
 
@@ -94,19 +95,18 @@ async fn instance_ids(client: &Client) -> Result<Vec<String>, StoreError> {
 /// Verify one instance's chain, with `extra` checkpoints (e.g. ones a witness kept).
 pub async fn verify_instance(
     url: &str,
+    tls: &PostgresTls,
     instance_id: &str,
     verifier: &CheckpointVerifier,
     extra: &[SignedCheckpoint],
 ) -> Result<InstanceVerification, StoreError> {
-    let client = connect(url).await?;
+    let client = connect(url, tls).await?;
     verify_on(&client, instance_id, verifier, extra).await
 }
 
-async fn connect(url: &str) -> Result<Client, StoreError> {
-    let config: Config = url
-        .parse()
-        .map_err(|error| StoreError::Failed(format!("invalid PostgreSQL URL: {error}")))?;
-    connect_client(&config, "audit verify")
+async fn connect(url: &str, tls: &PostgresTls) -> Result<Client, StoreError> {
+    let endpoint = Endpoint::new(url, tls)?;
+    connect_client(&endpoint, "audit verify")
         .await
         .map_err(opening_error)
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, Row, Statement, Transaction};
+use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::delivery::{self, DeliveryAnswer, DeliveryWork};
 use super::query::apply_review;
@@ -309,7 +309,7 @@ pub(super) async fn lock_instance(
 
 /// The owner of the write connection; a task that runs until every sender is gone.
 pub(super) struct Writer {
-    pub(super) config: Config,
+    pub(super) config: super::Endpoint,
     pub(super) client: Client,
     pub(super) instance_id: String,
     pub(super) queue: mpsc::Receiver<Job>,

@@ -206,10 +206,16 @@ impl Backend for Postgres {
     }
 
     async fn verify(&self, verifier: &CheckpointVerifier) -> AuditVerification {
-        caregate_store::postgres::verify_instance(&self.url, &self.instance_id, verifier, &[])
-            .await
-            .unwrap()
-            .verification
+        caregate_store::postgres::verify_instance(
+            &self.url,
+            &caregate_store::postgres::PostgresTls::by_host(),
+            &self.instance_id,
+            verifier,
+            &[],
+        )
+        .await
+        .unwrap()
+        .verification
     }
 
     async fn hold_commits(&self) -> Hold {
