@@ -13,6 +13,13 @@
 //! An instance marks its own `in-progress` jobs `failed` at start-up
 //! ([`ExportJobs::fail_interrupted_export_jobs`]): an export does not survive its process.
 //!
+//! **Retention.** A job that ended (complete, failed or cancelled) is kept until its retention
+//! ends, then removed ([`ExportJobs::expired_export_jobs`], [`ExportJobs::remove_expired_export_job`]):
+//! the gateway's sweep removes the job's files first, then the row, with a delete that re-checks
+//! expiry in its `WHERE`, so several instances sweeping at once each remove a job at most once
+//! between them and none of them fails. A job still `in-progress` whose row has not been written
+//! for as long is expired too (its instance stopped and never came back to mark it failed).
+//!
 //! **Not the log.** Job rows are bookkeeping, not records: they take no sequence number and no
 //! log lock, and carry no audit event (the requests that change them are audited by the edge).
 //! Every write is still durable before it returns, like every other store write.
@@ -121,6 +128,28 @@ pub enum ExportJobEnd {
     Failed { error: String },
 }
 
+/// When a job is past its retention (see the module docs). Instants, not durations, so the
+/// caller decides the clock (the gateway's) and a sweep and its deletes agree on one cut-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportExpiry {
+    /// A job that ended (complete, failed or cancelled) before this instant is expired.
+    pub finished_before: OffsetDateTime,
+    /// A job still `in-progress` whose row was last written before this instant is expired.
+    pub silent_before: OffsetDateTime,
+}
+
+impl ExportExpiry {
+    /// Whether `job` is expired under this cut-off (the test the store's queries make).
+    pub fn covers(&self, job: &ExportJob) -> bool {
+        match (job.state, job.finished_at) {
+            (ExportJobState::InProgress, _) => job.updated_at < self.silent_before,
+            (_, Some(finished)) => finished < self.finished_before,
+            // An ended job always has `finished_at`; without one, its last change stands in.
+            (_, None) => job.updated_at < self.finished_before,
+        }
+    }
+}
+
 /// The job registry. Every `Store` is one (`Store: ExportJobs`), so the gateway reaches it
 /// through the same `Arc<dyn Store>`.
 #[async_trait]
@@ -154,6 +183,24 @@ pub trait ExportJobs: Send + Sync {
         instance_id: &str,
         error: &str,
     ) -> Result<Vec<ExportJob>, StoreError>;
+
+    /// Up to `limit` jobs expired under `expiry`, longest-expired first, whatever their owner.
+    /// Nothing is changed: the caller removes each job's files, then
+    /// [`remove_expired_export_job`](Self::remove_expired_export_job).
+    async fn expired_export_jobs(
+        &self,
+        expiry: ExportExpiry,
+        limit: usize,
+    ) -> Result<Vec<ExportJob>, StoreError>;
+
+    /// Delete the row of job `id` if it is (still) expired under `expiry`. True if this call
+    /// deleted it; false if it is gone (another sweeper was first) or not expired (e.g. a job
+    /// that reported progress meanwhile), so exactly one of several concurrent sweepers sees true.
+    async fn remove_expired_export_job(
+        &self,
+        id: &str,
+        expiry: ExportExpiry,
+    ) -> Result<bool, StoreError>;
 }
 
 /// `_type` as stored: comma-separated (resource type names contain no comma).
@@ -168,6 +215,15 @@ pub(crate) fn types_from_text(text: Option<String>) -> Option<Vec<String>> {
             .map(str::to_owned)
             .collect()
     })
+}
+
+/// The `WHERE` condition of an expired job, shared by both backends: the ended-before cut-off
+/// is parameter `finished`, the silent-since cut-off `silent` (placeholders differ by backend).
+pub(crate) fn expired_condition(finished: &str, silent: &str) -> String {
+    format!(
+        "((state <> 'in-progress' AND COALESCE(finished_at, updated_at) < {finished}) \
+         OR (state = 'in-progress' AND updated_at < {silent}))"
+    )
 }
 
 /// A stored count.

@@ -11,8 +11,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::{Answer, BatchClock, Fault, SqliteStore, Work, parse_timestamp, timestamp_text};
 use crate::StoreError;
 use crate::export_jobs::{
-    ExportJob, ExportJobEnd, ExportJobState, ExportJobs, ExportProgress, NewExportJob, count_param,
-    types_from_text, types_text,
+    ExportExpiry, ExportJob, ExportJobEnd, ExportJobState, ExportJobs, ExportProgress,
+    NewExportJob, count_param, expired_condition, types_from_text, types_text,
 };
 
 /// Schema step: the export job registry.
@@ -67,6 +67,11 @@ pub(super) enum ExportJobWork {
     FailInterrupted {
         instance_id: String,
         error: String,
+    },
+    /// Delete a row if it is still expired (the retention sweep).
+    RemoveExpired {
+        id: String,
+        expiry: ExportExpiry,
     },
 }
 
@@ -252,6 +257,19 @@ pub(super) fn apply(
             }
             ExportJobAnswer::Failed(failed)
         }
+        ExportJobWork::RemoveExpired { id, expiry } => {
+            let removed = conn
+                .prepare_cached(&format!(
+                    "DELETE FROM export_jobs WHERE id = ?1 AND {}",
+                    expired_condition("?2", "?3")
+                ))?
+                .execute(params![
+                    id,
+                    timestamp_text(expiry.finished_before)?,
+                    timestamp_text(expiry.silent_before)?,
+                ])?;
+            ExportJobAnswer::Changed(removed > 0)
+        }
     };
     Ok(Answer::ExportJob(answer))
 }
@@ -329,6 +347,51 @@ impl ExportJobs for SqliteStore {
             _ => Err(mismatch()),
         }
     }
+
+    async fn expired_export_jobs(
+        &self,
+        expiry: ExportExpiry,
+        limit: usize,
+    ) -> Result<Vec<ExportJob>, StoreError> {
+        self.read(move |conn| select_expired(conn, expiry, limit))
+            .await
+    }
+
+    async fn remove_expired_export_job(
+        &self,
+        id: &str,
+        expiry: ExportExpiry,
+    ) -> Result<bool, StoreError> {
+        self.export_job_changed(ExportJobWork::RemoveExpired {
+            id: id.to_owned(),
+            expiry,
+        })
+        .await
+    }
+}
+
+fn select_expired(
+    conn: &Connection,
+    expiry: ExportExpiry,
+    limit: usize,
+) -> Result<Vec<ExportJob>, Fault> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let raws = conn
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM export_jobs WHERE {} \
+             ORDER BY COALESCE(finished_at, updated_at), id LIMIT ?3",
+            expired_condition("?1", "?2")
+        ))?
+        .query_map(
+            params![
+                timestamp_text(expiry.finished_before)?,
+                timestamp_text(expiry.silent_before)?,
+                limit
+            ],
+            RawJob::from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raws.into_iter().map(RawJob::into_job).collect()
 }
 
 fn mismatch() -> StoreError {

@@ -1,7 +1,9 @@
 //! The Bulk export job registry (`caregate_store::export_jobs`, issue 5) through the `Store`
 //! trait, on SQLite and PostgreSQL (`backend_tests!`): jobs survive a reopen, end once, cancel
 //! once, and start-up recovery fails exactly the unfinished jobs of the restarting instance.
-//! On PostgreSQL, a job is seen and cancelled across instances.
+//! On PostgreSQL, a job is seen and cancelled across instances. Retention: the sweep finds
+//! exactly the expired jobs, a removal re-checks expiry, and concurrent sweepers (tasks on one
+//! store; on PostgreSQL, two instances) each remove a job at most once, none failing.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,8 +13,11 @@
 mod support;
 
 use caregate_store::StoreError;
+use std::sync::Arc;
+use std::time::Duration;
+
 use caregate_store::export_jobs::{
-    ExportJobEnd, ExportJobState, ExportJobs, ExportProgress, NewExportJob,
+    ExportExpiry, ExportJobEnd, ExportJobState, ExportJobs, ExportProgress, NewExportJob,
 };
 use support::Backend;
 use time::OffsetDateTime;
@@ -23,6 +28,8 @@ backend_tests!(
     progress_is_recorded_only_while_in_progress_and_a_job_ends_once,
     cancel_answers_the_previous_state_once_and_a_cancelled_job_does_not_end,
     startup_recovery_fails_only_this_instances_unfinished_jobs,
+    the_sweep_finds_only_expired_jobs_and_a_removal_rechecks_expiry,
+    concurrent_sweepers_remove_each_expired_job_once,
 );
 
 const INTERRUPTED: &str = "interrupted by a restart; kick off a new export";
@@ -353,6 +360,294 @@ async fn cluster_a_job_started_on_one_instance_is_seen_and_cancelled_on_another(
             .is_empty()
     );
     assert_eq!(state_of(&b, "job-2").await, ExportJobState::InProgress);
+    <support::Postgres as Backend>::close(a).await;
+    <support::Postgres as Backend>::close(b).await;
+}
+
+fn complete() -> ExportJobEnd {
+    ExportJobEnd::Complete {
+        manifest: "{}".to_owned(),
+    }
+}
+
+/// A cut-off `offset` from now for both ended and silent jobs.
+fn expiry_in(offset: time::Duration) -> ExportExpiry {
+    let at = OffsetDateTime::now_utc() + offset;
+    ExportExpiry {
+        finished_before: at,
+        silent_before: at,
+    }
+}
+
+fn ids(jobs: &[caregate_store::export_jobs::ExportJob]) -> Vec<&str> {
+    jobs.iter().map(|j| j.id.as_str()).collect()
+}
+
+/// Ended jobs (complete, failed, cancelled) expire by their end, running ones by their last
+/// write; nothing newer than the cut-off is listed or removed, and a job that reported progress
+/// after the cut-off was taken is not removed by it.
+async fn the_sweep_finds_only_expired_jobs_and_a_removal_rechecks_expiry<B: Backend>(backend: B) {
+    let store = backend.open().await;
+    for id in [
+        "old-complete",
+        "old-failed",
+        "old-cancelled",
+        "running",
+        "new-complete",
+    ] {
+        store.create_export_job(new_job(id, "gw-a")).await.unwrap();
+    }
+    store
+        .finish_export_job("old-complete", complete())
+        .await
+        .unwrap();
+    store
+        .finish_export_job(
+            "old-failed",
+            ExportJobEnd::Failed {
+                error: "failed".to_owned(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .finish_export_job("old-cancelled", complete())
+        .await
+        .unwrap();
+    store.cancel_export_job("old-cancelled").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let between = OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store
+        .finish_export_job("new-complete", complete())
+        .await
+        .unwrap();
+
+    // Nothing has ended an hour ago.
+    assert!(
+        store
+            .expired_export_jobs(expiry_in(-time::Duration::HOUR), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !store
+            .remove_expired_export_job("old-complete", expiry_in(-time::Duration::HOUR))
+            .await
+            .unwrap()
+    );
+    // Ended before `between`: the three old jobs, oldest end first; the running job is not
+    // silent for long enough.
+    let cut = ExportExpiry {
+        finished_before: between,
+        silent_before: between - time::Duration::HOUR,
+    };
+    let expired = store.expired_export_jobs(cut, 100).await.unwrap();
+    assert_eq!(
+        ids(&expired),
+        ["old-complete", "old-failed", "old-cancelled"]
+    );
+    assert!(expired.iter().all(|job| cut.covers(job)));
+    assert_eq!(
+        expired[2].state,
+        ExportJobState::Cancelled,
+        "a cancelled job is listed like any other ended job"
+    );
+    assert_eq!(
+        ids(&store.expired_export_jobs(cut, 1).await.unwrap()),
+        ["old-complete"]
+    );
+    for job in &expired {
+        assert!(store.remove_expired_export_job(&job.id, cut).await.unwrap());
+        assert!(
+            !store.remove_expired_export_job(&job.id, cut).await.unwrap(),
+            "a job is removed once"
+        );
+        assert!(store.export_job(&job.id).await.unwrap().is_none());
+    }
+    assert!(
+        store
+            .expired_export_jobs(cut, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !store
+            .remove_expired_export_job("new-complete", cut)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remove_expired_export_job("running", cut)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remove_expired_export_job("no-such-job", cut)
+            .await
+            .unwrap()
+    );
+
+    // A running job whose instance went silent expires by its last write ...
+    let later = expiry_in(time::Duration::HOUR);
+    assert_eq!(
+        ids(&store.expired_export_jobs(later, 100).await.unwrap()),
+        ["running", "new-complete"]
+    );
+    // ... but not once it reports progress after the cut-off was taken.
+    let silent = ExportExpiry {
+        finished_before: between,
+        silent_before: OffsetDateTime::now_utc(),
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        store
+            .export_job_progress("running", ExportProgress::default())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remove_expired_export_job("running", silent)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state_of(&store, "running").await,
+        ExportJobState::InProgress
+    );
+    assert!(
+        store
+            .remove_expired_export_job("running", later)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state_of(&store, "new-complete").await,
+        ExportJobState::Complete
+    );
+
+    // Removals are durable.
+    B::close(store).await;
+    let store = backend.open().await;
+    assert!(store.export_job("old-complete").await.unwrap().is_none());
+    assert!(store.export_job("running").await.unwrap().is_none());
+    assert_eq!(
+        state_of(&store, "new-complete").await,
+        ExportJobState::Complete
+    );
+    B::close(store).await;
+}
+
+/// Sweep every job `store` lists under `expiry` like the gateway does; the ids this sweeper
+/// removed.
+async fn sweep(store: &impl ExportJobs, expiry: ExportExpiry) -> Vec<String> {
+    let mut removed = Vec::new();
+    for job in store.expired_export_jobs(expiry, 1_000).await.unwrap() {
+        if store
+            .remove_expired_export_job(&job.id, expiry)
+            .await
+            .unwrap()
+        {
+            removed.push(job.id);
+        }
+    }
+    removed
+}
+
+/// Expected removals by several sweepers at once: every job removed by exactly one of them.
+fn assert_removed_once(mut removed: Vec<String>, jobs: usize) {
+    removed.sort();
+    let count = removed.len();
+    removed.dedup();
+    assert_eq!(removed.len(), count, "no job is removed twice");
+    assert_eq!(count, jobs, "every expired job is removed");
+}
+
+async fn concurrent_sweepers_remove_each_expired_job_once<B: Backend>(backend: B) {
+    const JOBS: usize = 40;
+    let store = Arc::new(backend.open().await);
+    for n in 0..JOBS {
+        let id = format!("job-{n:02}");
+        store.create_export_job(new_job(&id, "gw-a")).await.unwrap();
+        store.finish_export_job(&id, complete()).await.unwrap();
+    }
+    store
+        .create_export_job(new_job("fresh", "gw-a"))
+        .await
+        .unwrap();
+    let expiry = ExportExpiry {
+        finished_before: OffsetDateTime::now_utc() + time::Duration::HOUR,
+        silent_before: OffsetDateTime::now_utc() - time::Duration::HOUR,
+    };
+    let sweepers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { sweep(store.as_ref(), expiry).await })
+        })
+        .collect();
+    let mut removed = Vec::new();
+    for sweeper in sweepers {
+        removed.extend(sweeper.await.unwrap());
+    }
+    assert_removed_once(removed, JOBS);
+    assert!(
+        store
+            .expired_export_jobs(expiry, 1_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        state_of(store.as_ref(), "fresh").await,
+        ExportJobState::InProgress
+    );
+    let Ok(store) = Arc::try_unwrap(store) else {
+        panic!("the sweepers hold no store");
+    };
+    B::close(store).await;
+}
+
+/// Cluster mode: two instances sweep the shared registry at once; each job goes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_instances_sweeping_at_once_remove_each_job_once() {
+    const JOBS: usize = 40;
+    let Some(backend) = <support::Postgres as Backend>::new() else {
+        return;
+    };
+    let a = backend
+        .open_instance("gw-a", support::TestOptions::default())
+        .await;
+    let b = backend
+        .open_instance("gw-b", support::TestOptions::default())
+        .await;
+    for n in 0..JOBS {
+        let (id, owner) = (format!("job-{n:02}"), if n % 2 == 0 { &a } else { &b });
+        owner
+            .create_export_job(new_job(&id, if n % 2 == 0 { "gw-a" } else { "gw-b" }))
+            .await
+            .unwrap();
+        owner.finish_export_job(&id, complete()).await.unwrap();
+    }
+    let expiry = expiry_in(time::Duration::HOUR);
+    let (from_a, from_b) = tokio::join!(sweep(&a, expiry), sweep(&b, expiry));
+    assert_removed_once(from_a.into_iter().chain(from_b).collect(), JOBS);
+    assert!(
+        a.expired_export_jobs(expiry, 1_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        b.expired_export_jobs(expiry, 1_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     <support::Postgres as Backend>::close(a).await;
     <support::Postgres as Backend>::close(b).await;
 }

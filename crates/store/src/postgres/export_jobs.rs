@@ -14,8 +14,8 @@ use tokio_postgres::{Client, Row};
 
 use crate::StoreError;
 use crate::export_jobs::{
-    ExportJob, ExportJobEnd, ExportJobState, ExportJobs, ExportProgress, NewExportJob, count_param,
-    types_from_text, types_text,
+    ExportExpiry, ExportJob, ExportJobEnd, ExportJobState, ExportJobs, ExportProgress,
+    NewExportJob, count_param, expired_condition, types_from_text, types_text,
 };
 use crate::postgres::{Fault, PostgresStore};
 
@@ -195,6 +195,43 @@ async fn fail_interrupted(
     Ok(jobs)
 }
 
+async fn select_expired(
+    client: &Client,
+    expiry: ExportExpiry,
+    limit: usize,
+) -> Result<Vec<ExportJob>, Fault> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    // Unqualified column names in the condition resolve to the one table `j`.
+    client
+        .query(
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM export_jobs j WHERE {} \
+                 ORDER BY COALESCE(j.finished_at, j.updated_at), j.id LIMIT $3",
+                expired_condition("$1", "$2")
+            ),
+            &[&expiry.finished_before, &expiry.silent_before, &limit],
+        )
+        .await?
+        .iter()
+        .map(job_from_row)
+        .collect()
+}
+
+/// One autocommitted conditional `DELETE`: of several instances sweeping at once, the row lock
+/// lets exactly one delete it; the others re-check the `WHERE`, find no row and answer false.
+async fn remove_expired(client: &Client, id: &str, expiry: ExportExpiry) -> Result<bool, Fault> {
+    let removed = client
+        .execute(
+            &format!(
+                "DELETE FROM export_jobs WHERE id = $1 AND {}",
+                expired_condition("$2", "$3")
+            ),
+            &[&id, &expiry.finished_before, &expiry.silent_before],
+        )
+        .await?;
+    Ok(removed > 0)
+}
+
 #[async_trait]
 impl ExportJobs for PostgresStore {
     async fn create_export_job(&self, job: NewExportJob) -> Result<(), StoreError> {
@@ -238,5 +275,24 @@ impl ExportJobs for PostgresStore {
         self.health.check()?;
         let client = self.reader().await?;
         self.answer(fail_interrupted(&client, instance_id, error).await)
+    }
+
+    async fn expired_export_jobs(
+        &self,
+        expiry: ExportExpiry,
+        limit: usize,
+    ) -> Result<Vec<ExportJob>, StoreError> {
+        let client = self.reader().await?;
+        self.answer(select_expired(&client, expiry, limit).await)
+    }
+
+    async fn remove_expired_export_job(
+        &self,
+        id: &str,
+        expiry: ExportExpiry,
+    ) -> Result<bool, StoreError> {
+        self.health.check()?;
+        let client = self.reader().await?;
+        self.answer(remove_expired(&client, id, expiry).await)
     }
 }
