@@ -3,6 +3,10 @@
 //! carries no NHS number; another partner cannot see the job or its files (BOLA → 404). Jobs are
 //! kept in the store: a completed export's manifest and files are served after the gateway is
 //! killed and restarted, and an export that was running when the gateway died answers failed.
+//! Retention: with `[feeds] export_retention_secs` of a few seconds and an `export_dir`, the
+//! complete status says when the files expire (`Expires`), `caregate feed report --config`
+//! finds the export there, and after expiry the status and files answer 404 OperationOutcomes,
+//! the files are deleted, the removal is audited, and a fresh export still works.
 //!
 //! The policy stage does not yet write decisions at intake, so the test commits records with
 //! decisions straight into the data directory's store (as intake will) while the gateway is
@@ -65,6 +69,11 @@ async fn seed(data: &std::path::Path) {
 
 /// A gateway serving the shipped feed (with k = 2) to the ICB, over three seeded patients.
 async fn feed_gateway() -> Gateway {
+    feed_gateway_with("").await
+}
+
+/// [`feed_gateway`] with more `[feeds]` keys.
+async fn feed_gateway_with(feeds_toml: &str) -> Gateway {
     let mut partners = default_partners();
     partners.push(TestPartner::new(
         "icb-qe1",
@@ -77,7 +86,7 @@ async fn feed_gateway() -> Gateway {
     let mut gw = Gateway::start_configured(Options {
         partners,
         extra_toml: format!(
-            "[feeds]\ndefinitions = \"{}\"\nkey_file = \"feed-keys.toml\"\n",
+            "[feeds]\ndefinitions = \"{}\"\nkey_file = \"feed-keys.toml\"\n{feeds_toml}",
             definitions.display()
         ),
         ..Options::default()
@@ -528,6 +537,198 @@ fn caregate_fhir_validator() -> impl Fn(&[u8]) {
             value["id"]
                 .as_str()
                 .is_some_and(|id| id.len() == 26 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        );
+    }
+}
+
+/// Poll `url` until it answers `status` (within `within`); returns the last response's body.
+async fn wait_for_status(
+    gw: &Gateway,
+    token: &str,
+    url: &str,
+    status: u16,
+    within: Duration,
+) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let response = gw.client.get(url).bearer_auth(token).send().await.unwrap();
+        if response.status().as_u16() == status {
+            return response.json().await.unwrap_or(Value::Null);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{url} still answers {} after {within:?}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_not_found_outcome(body: &Value) {
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert_eq!(body["issue"][0]["code"], "not-found", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_export_is_gone_and_a_fresh_one_still_works() {
+    const RETENTION_SECS: i64 = 3;
+    let mut gw = feed_gateway_with(&format!(
+        "export_dir = \"exports\"\nexport_retention_secs = {RETENTION_SECS}\n"
+    ))
+    .await;
+    let token = gw.token("icb-qe1").await;
+    let exports = gw.dir.path().join("exports");
+    let status_url = kick_off(&gw, &token).await;
+    let id = status_url.rsplit('/').next().unwrap().to_owned();
+    let manifest = wait_for_manifest(&gw, &token, &status_url).await;
+    let directory = exports.join("feeds").join(FEED).join(&id);
+    assert!(
+        directory.is_dir(),
+        "the export is written under [feeds] export_dir"
+    );
+
+    // The complete status carries when its files stop being available.
+    let complete = gw
+        .client
+        .get(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(complete.status(), 200);
+    let expires = complete.headers()["expires"].to_str().unwrap().to_owned();
+    let expires_at = time::PrimitiveDateTime::parse(
+        &expires,
+        time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        ),
+    )
+    .unwrap()
+    .assume_utc();
+    let ahead = expires_at - time::OffsetDateTime::now_utc();
+    assert!(
+        ahead > -time::Duration::seconds(1) && ahead <= time::Duration::seconds(RETENTION_SECS),
+        "Expires {expires} is the end of the {RETENTION_SECS} s retention"
+    );
+    let files = download(&gw, &token, &manifest).await;
+    assert!(!files.is_empty());
+
+    // `feed report --config` reads the export directory the gateway writes to.
+    let report = Command::new(binary())
+        .args(["feed", "report", FEED, "--export", &id, "--config"])
+        .arg(&gw.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(!report.stdout.is_empty());
+
+    // After the retention: status and files are 404 OperationOutcomes, the files are deleted.
+    let body = wait_for_status(&gw, &token, &status_url, 404, Duration::from_secs(15)).await;
+    assert_not_found_outcome(&body);
+    for output in manifest["output"].as_array().unwrap() {
+        let response = gw
+            .client
+            .get(output["url"].as_str().unwrap())
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        assert_not_found_outcome(&response.json().await.unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while directory.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep deletes an expired export's files"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deleted = gw
+        .client
+        .delete(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 404, "an expired job cannot be deleted");
+
+    // A fresh export still works; a DELETE on it removes its files at once.
+    let fresh_url = kick_off(&gw, &token).await;
+    let fresh = wait_for_manifest(&gw, &token, &fresh_url).await;
+    assert_eq!(download(&gw, &token, &fresh).await.len(), files.len());
+    let fresh_id = fresh_url.rsplit('/').next().unwrap().to_owned();
+    let fresh_dir = exports.join("feeds").join(FEED).join(&fresh_id);
+    assert!(fresh_dir.is_dir());
+    let deleted = gw
+        .client
+        .delete(&fresh_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    assert!(
+        !fresh_dir.exists(),
+        "a DELETE removes a complete export's files at once"
+    );
+
+    // One more, left to expire while the gateway is down (killed at once, so its sweep cannot
+    // have run): the start-up sweep removes it.
+    let last_url = kick_off(&gw, &token).await;
+    wait_for_manifest(&gw, &token, &last_url).await;
+    gw.kill();
+    let last_id = last_url.rsplit('/').next().unwrap().to_owned();
+    let last_dir = exports.join("feeds").join(FEED).join(&last_id);
+    assert!(last_dir.is_dir());
+    tokio::time::sleep(Duration::from_secs(RETENTION_SECS as u64 + 1)).await;
+    let old_base = gw.base_url.clone();
+    gw.launch();
+    assert!(
+        !last_dir.exists(),
+        "an export that expired while the gateway was down is deleted at start-up"
+    );
+    let token = gw.token("icb-qe1").await;
+    let last_url = moved(&last_url, &old_base, &gw.base_url);
+    let body = wait_for_status(&gw, &token, &last_url, 404, Duration::from_secs(1)).await;
+    assert_not_found_outcome(&body);
+    assert!(gw.terminate().await);
+
+    // Each removal is one audit event by the retention sweep, naming the export.
+    let store = SqliteStore::open(&gw.data_dir(), SqliteOptions::default()).unwrap();
+    let query = caregate_store::AuditQuery {
+        action: Some(caregate_audit::Action::ExportExpiry),
+        limit: 100,
+        ..Default::default()
+    };
+    let events: Vec<_> = store
+        .query_audit(&query)
+        .await
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|stored| stored.event)
+        .collect();
+    store.close().await.unwrap();
+    assert_eq!(events.len(), 3, "{events:?}");
+    for event in &events {
+        assert_eq!(
+            event.actor.client_id.as_deref(),
+            Some("system/export-retention")
+        );
+    }
+    for export in [&id, &fresh_id, &last_id] {
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.detail.as_deref().unwrap().contains(export.as_str()))
+                .count(),
+            1,
+            "{export} is removed once: {events:?}"
         );
     }
 }

@@ -179,6 +179,8 @@ fn classify(action: Action) -> (Value, Option<Value>, &'static str) {
         // Delivery (issue 4): data leaving the gateway for a partner, or held back.
         Action::Deliver | Action::Withhold => (coding(DCM, "110106", "Export"), None, "E"),
         Action::DeliveryReplay | Action::PolicyReload => (rest(), None, "E"),
+        // Retention: the gateway deleted an expired export's files.
+        Action::ExportExpiry => (rest(), None, "D"),
     }
 }
 

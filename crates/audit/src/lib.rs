@@ -76,6 +76,10 @@ pub enum Action {
     DeliveryReplay,
     /// The consent/IG policy bundle was reloaded (or a reload was refused).
     PolicyReload,
+    /// A finished Bulk Data export reached the end of its retention (`[feeds]
+    /// export_retention_secs`): its files were deleted and its job removed. The actor is
+    /// `system/export-retention`; `detail` names the export, its feed and its owner partner.
+    ExportExpiry,
 }
 
 /// How it ended.

@@ -72,7 +72,8 @@ impl Activity {
             | Action::Request
             | Action::Withhold
             | Action::DeliveryReplay
-            | Action::PolicyReload => Self::Other,
+            | Action::PolicyReload
+            | Action::ExportExpiry => Self::Other,
         }
     }
 

@@ -48,6 +48,42 @@ impl KeyFileArgs {
     }
 }
 
+/// Where a feed's exports are: `--config` (its `[feeds] export_dir`, else its data directory)
+/// or `--data DIR` (the directory holding `feeds/`: the data directory or the export directory).
+#[derive(Debug, Args)]
+pub(crate) struct ExportsArgs {
+    /// The directory holding `feeds/<feed>/<export-id>/`: the data directory, or `[feeds]
+    /// export_dir` when the gateway sets one.
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    data: Option<PathBuf>,
+    /// The gateway's configuration file: exports are read from its `[feeds] export_dir`, else
+    /// its data directory.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl ExportsArgs {
+    fn root(&self) -> anyhow::Result<PathBuf> {
+        match (&self.data, &self.config) {
+            (Some(data), _) => Ok(data.clone()),
+            (None, Some(config)) => {
+                let config = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(export_root(&config))
+            }
+            (None, None) => bail!("name the exports: --config FILE or --data DIR"),
+        }
+    }
+}
+
+/// Where the gateway writes exports: `[feeds] export_dir`, else the data directory.
+fn export_root(config: &Config) -> PathBuf {
+    config
+        .feeds
+        .export_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.clone())
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
     /// Create version 1 of a feed's key.
@@ -75,9 +111,8 @@ pub(crate) enum FeedCommand {
     /// Print the release report of a feed's newest export (or of --export ID).
     Report {
         feed: String,
-        /// The data directory.
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        exports: ExportsArgs,
         #[arg(long)]
         export: Option<String>,
     },
@@ -86,9 +121,8 @@ pub(crate) enum FeedCommand {
     /// and deduplicated by message id (publishing again stores nothing twice).
     Publish {
         feed: String,
-        /// The data directory holding the export.
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        exports: ExportsArgs,
         /// The NATS server URL, e.g. nats://127.0.0.1:4222.
         #[arg(long)]
         nats: String,
@@ -158,17 +192,22 @@ pub(crate) fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
 )]
 pub(crate) fn feed(command: FeedCommand) -> anyhow::Result<ExitCode> {
     match command {
-        FeedCommand::Report { feed, data, export } => {
-            let manifest = find_export(&data, &feed, export.as_deref())?;
+        FeedCommand::Report {
+            feed,
+            exports,
+            export,
+        } => {
+            let manifest = find_export(&exports.root()?, &feed, export.as_deref())?;
             print!("{}", render_report(&manifest));
             Ok(ExitCode::SUCCESS)
         }
         FeedCommand::Publish {
             feed,
-            data,
+            exports,
             nats,
             export,
         } => {
+            let data = exports.root()?;
             let manifest = find_export(&data, &feed, export.as_deref())?;
             let directory = export_dir(&data, &feed, &manifest.export_id);
             let report = tokio::runtime::Builder::new_current_thread()
@@ -260,7 +299,8 @@ fn export(
         let job = ExportJob {
             definition: Arc::new(definition),
             key,
-            data_dir: config.data_dir.clone(),
+            // Beside the gateway's exports, where `feed report --config` looks.
+            data_dir: export_root(&config),
             export_id: new_export_id(),
             types: None,
             since: None,
@@ -282,7 +322,7 @@ fn export(
     })?;
     println!(
         "{}",
-        export_dir(&config.data_dir, feed, &manifest.export_id).display()
+        export_dir(&export_root(&config), feed, &manifest.export_id).display()
     );
     print!("{}", render_report(&manifest));
     Ok(ExitCode::SUCCESS)

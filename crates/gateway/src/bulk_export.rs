@@ -22,6 +22,19 @@
 //! [`INTERRUPTED`] — resuming would need the blocking export's in-flight state (its open files,
 //! its disclosure-control pass), so a new kick-off is the simple correct answer.
 //!
+//! **Retention.** A finished job (complete, failed or cancelled) is kept for `[feeds]
+//! export_retention_secs` after it ended (default 24 h); the complete status says until when
+//! (`Expires`). After it the job is gone: its status, manifest and files answer 404 with an
+//! OperationOutcome at once (each request checks the job's age, whatever the sweep has done), and
+//! the sweep ([`BulkExports::sweep_expired`], at start-up and every [`sweep_interval`]) deletes
+//! its files and then its row — the row's delete re-checks expiry in the store, so instances
+//! sweeping the shared store and export directory at once remove each job once (one audit event,
+//! `export-expiry`), and a file already gone is not an error. 404 rather than 410 Gone: the Bulk
+//! Data IG (v2) asks for 404 with an OperationOutcome on a status URL after a DELETE, and an
+//! expired job is answered the same way; a 410 would also tell a caller that a job id once
+//! existed, which the no-existence-oracle rule below forbids (the row is gone, so another
+//! partner's expired job could not be told apart anyway).
+//!
 //! Only the job's owner (the feed's consumer partner that kicked it off) sees a job or its files;
 //! anyone else gets 404, the same as for a job that does not exist (no existence oracle, OWASP
 //! API1). A cancelled job is gone (404). Export ids are generated and validated before any path is
@@ -46,10 +59,11 @@ use caregate_feeds::runner::{ExportJob, Start};
 use caregate_feeds::{FeedDefinition, FeedPolicy, KeyFile};
 use caregate_fhir::validate::{Rejection, RejectionKind};
 use caregate_fhir::{Issue, IssueCode, OperationOutcome};
-use caregate_store::Store;
 use caregate_store::export_jobs::{
-    ExportJob as StoredJob, ExportJobEnd, ExportJobState, ExportProgress, NewExportJob,
+    ExportExpiry, ExportJob as StoredJob, ExportJobEnd, ExportJobState, ExportProgress,
+    NewExportJob,
 };
+use caregate_store::{Store, StoreError, Submission};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -67,6 +81,40 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// An in-progress job whose row has not been touched for this long is answered as failed: the
 /// instance running it stopped (and has not restarted to say so, e.g. a cluster scaled down).
 const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// The audit log's actor for a job removed at the end of its retention.
+pub const RETENTION_ACTOR: &str = "system/export-retention";
+
+/// Expired jobs read from the store per sweep round.
+const SWEEP_BATCH: usize = 500;
+
+/// The longest time between two sweeps (expiry itself is exact: see the module docs).
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How often the sweep runs for `retention`: a tenth of it, between 1 s and 5 minutes, so the
+/// files of an expired job are deleted within that long after it expired.
+pub fn sweep_interval(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_secs(1), MAX_SWEEP_INTERVAL)
+}
+
+/// What is expired at `now` under `retention`: jobs that ended before `now - retention`, and
+/// jobs still in progress without a progress write for as long (and for at least
+/// [`STALE_AFTER`], so a tiny retention never touches a live export).
+pub fn expiry_at(now: OffsetDateTime, retention: Duration) -> ExportExpiry {
+    let retention = time::Duration::try_from(retention).unwrap_or(time::Duration::MAX);
+    let silent = time::Duration::try_from(STALE_AFTER)
+        .unwrap_or(time::Duration::MAX)
+        .max(retention);
+    ExportExpiry {
+        finished_before: now.saturating_sub(retention),
+        silent_before: now.saturating_sub(silent),
+    }
+}
+
+/// HTTP-date (RFC 9110 §5.6.7, IMF-fixdate) for `Expires`.
+const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+);
 
 /// The status of a job whose process stopped while it ran (set at start-up).
 pub const INTERRUPTED: &str = "the export was interrupted by a restart; kick off a new export";
@@ -91,6 +139,8 @@ pub struct BulkExports {
     policy: Arc<dyn FeedPolicy>,
     /// This instance's id, recorded with the jobs it runs.
     instance_id: String,
+    /// How long a finished job and its files are kept (`[feeds] export_retention_secs`).
+    retention: Duration,
     running: Mutex<HashMap<String, Arc<ExportControl>>>,
 }
 
@@ -110,6 +160,7 @@ impl BulkExports {
         export_root: PathBuf,
         policy: Arc<dyn FeedPolicy>,
         instance_id: String,
+        retention: Duration,
     ) -> Self {
         BulkExports {
             definitions: definitions.into_iter().map(Arc::new).collect(),
@@ -117,6 +168,7 @@ impl BulkExports {
             export_root,
             policy,
             instance_id,
+            retention,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -137,7 +189,7 @@ impl BulkExports {
         }
     }
 
-    /// The caller's job: 404 for an invalid id, a missing or cancelled job, or another
+    /// The caller's job: 404 for an invalid id, a missing, cancelled or expired job, or another
     /// partner's (BOLA: the same answer, so no existence oracle).
     async fn job(
         &self,
@@ -152,11 +204,98 @@ impl BulkExports {
             .export_job(id)
             .await?
             .filter(|job| job.owner == caller.partner.id && job.state != ExportJobState::Cancelled)
+            .filter(|job| !self.expiry_now().covers(job))
             .ok_or(ApiError::NotFound)
+    }
+
+    fn expiry_now(&self) -> ExportExpiry {
+        expiry_at(OffsetDateTime::now_utc(), self.retention)
+    }
+
+    /// Remove every expired job: its files first (already gone is fine), then its row if it is
+    /// still expired — so of several instances sweeping at once exactly one removes a job, and
+    /// audits it. A job running in this process is left to its runner; a job whose files cannot
+    /// be deleted keeps its row (still answered 404) and is tried again next sweep. Returns the
+    /// jobs this call removed. Stops early once `stopping` is set.
+    pub async fn sweep_expired(
+        &self,
+        store: &dyn Store,
+        stopping: Option<&tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        loop {
+            let expiry = self.expiry_now();
+            let jobs = store.expired_export_jobs(expiry, SWEEP_BATCH).await?;
+            let listed = jobs.len();
+            let mut progressed = false;
+            for job in jobs {
+                if stopping.is_some_and(|stop| *stop.borrow()) {
+                    return Ok(removed);
+                }
+                if self.running(&job.id).ok().flatten().is_some() {
+                    continue;
+                }
+                match tokio::fs::remove_dir_all(self.directory(&job)).await {
+                    Ok(()) => {}
+                    // Another instance's sweep, a DELETE, or an export that wrote nothing.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(export = %job.id, feed = %job.feed, %error, "bulk export: the files of an expired export could not be deleted; retried at the next sweep");
+                        continue;
+                    }
+                }
+                if !store.remove_expired_export_job(&job.id, expiry).await? {
+                    continue;
+                }
+                progressed = true;
+                removed += 1;
+                tracing::info!(export = %job.id, feed = %job.feed, state = job.state.as_str(), "bulk export expired: files deleted, job removed");
+                audit_expiry(store, &job, self.retention).await;
+            }
+            if listed < SWEEP_BATCH || !progressed {
+                return Ok(removed);
+            }
+        }
     }
 
     fn directory(&self, job: &StoredJob) -> PathBuf {
         export_dir(&self.export_root, &job.feed, &job.id)
+    }
+}
+
+/// The audit event of a job removed at the end of its retention (written on its own; a failure
+/// to write it is logged, as the files are already gone).
+async fn audit_expiry(store: &dyn Store, job: &StoredJob, retention: Duration) {
+    let mut event = caregate_audit::AuditEvent::new(
+        uuid::Uuid::new_v4().to_string(),
+        caregate_audit::Actor {
+            client_id: Some(RETENTION_ACTOR.to_owned()),
+            ..Default::default()
+        },
+        caregate_audit::Action::ExportExpiry,
+        caregate_audit::Outcome::Success,
+    );
+    event.detail = Some(
+        format!(
+            "bulk export {} of feed {} (owner {}, {}) expired after {} s: files deleted, job removed",
+            job.id,
+            job.feed,
+            job.owner,
+            job.state.as_str(),
+            retention.as_secs()
+        )
+        .chars()
+        .take(500)
+        .collect(),
+    );
+    let submission = Submission {
+        partner: String::new(),
+        idempotency_key: None,
+        records: Vec::new(),
+        audit: vec![event],
+    };
+    if let Err(error) = store.submit(submission).await {
+        tracing::error!(export = %job.id, %error, "bulk export: the expiry could not be audited");
     }
 }
 
@@ -184,6 +323,27 @@ pub async fn recover_interrupted(
     Ok(jobs.len())
 }
 
+/// The background sweep: [`BulkExports::sweep_expired`] every [`sweep_interval`] until
+/// `stopping` is set (the task then ends, releasing its store handle so the store can close).
+pub fn spawn_sweeper(
+    exports: Arc<BulkExports>,
+    store: Arc<dyn Store>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let interval = sweep_interval(exports.retention);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
+            if let Err(error) = exports.sweep_expired(store.as_ref(), Some(&stopping)).await {
+                tracing::warn!(%error, "bulk export: the retention sweep failed; retried at the next");
+            }
+        }
+    })
+}
+
 /// The Bulk Data routes; the handlers need an `Extension<Arc<BulkExports>>` (added by the runtime
 /// when `[feeds]` is configured; without it every route answers 404).
 pub fn routes() -> Router<SharedState> {
@@ -196,17 +356,20 @@ pub fn routes() -> Router<SharedState> {
 
 /// Add the Bulk Data service to the app when `[feeds]` is configured: definitions loaded and
 /// validated now (start-up fails on a bad one), the key file read at each kick-off (so a
-/// rotation applies without a restart), and this instance's interrupted jobs marked failed
-/// ([`recover_interrupted`]). The feed policy reads the decisions stored with records.
+/// rotation applies without a restart), this instance's interrupted jobs marked failed
+/// ([`recover_interrupted`]), expired jobs swept once and then by a background task (returned,
+/// to be awaited after `stopping` is set). The feed policy reads the decisions stored with
+/// records.
 pub async fn attach(
     app: Router,
     config: &crate::config::Config,
     policy: Option<Arc<dyn caregate_feeds::FeedPolicy>>,
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     instance_id: &str,
-) -> Result<Router, String> {
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Router, Option<tokio::task::JoinHandle<()>>), String> {
     let Some(dir) = &config.feeds.definitions else {
-        return Ok(app);
+        return Ok((app, None));
     };
     let definitions =
         FeedDefinition::load_dir(dir).map_err(|e| format!("feed definitions: {e}"))?;
@@ -236,17 +399,26 @@ pub async fn attach(
         .unwrap_or_else(|| config.data_dir.clone());
     // A failure here is not fatal: a job of this instance still marked in progress is answered
     // as failed anyway (it is not running in this process; see `status`).
-    if let Err(error) = recover_interrupted(store, instance_id, &export_root).await {
+    if let Err(error) = recover_interrupted(store.as_ref(), instance_id, &export_root).await {
         tracing::warn!(%error, "bulk export: interrupted jobs could not be marked failed");
     }
-    let exports = BulkExports::new(
+    let exports = Arc::new(BulkExports::new(
         definitions,
         key_file,
         export_root,
         policy,
         instance_id.to_owned(),
-    );
-    Ok(app.layer(Extension(Arc::new(exports))))
+        config.feeds.export_retention(),
+    ));
+    // Expired jobs go at start-up too (a gateway down for longer than the retention); a failure
+    // is not fatal: expired jobs are answered 404 anyway, and the background sweep retries.
+    match exports.sweep_expired(store.as_ref(), None).await {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "bulk export: expired exports removed at start-up"),
+        Err(error) => tracing::warn!(%error, "bulk export: the start-up retention sweep failed"),
+    }
+    let sweeper = spawn_sweeper(exports.clone(), store.clone(), stopping);
+    Ok((app.layer(Extension(exports)), Some(sweeper)))
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {
@@ -529,7 +701,12 @@ async fn run_job(
             }
         }
     };
+    let failed = matches!(end, ExportJobEnd::Failed { .. });
     match store.finish_export_job(&id, end).await {
+        // A failed export's partial files are never served: they go now, not at expiry.
+        Ok(true) if failed => {
+            let _ = tokio::fs::remove_dir_all(&directory).await;
+        }
         Ok(true) => {}
         // Cancelled while it ran (here or on another instance): its files go.
         Ok(false) => {
@@ -646,9 +823,22 @@ async fn status(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
+            // Bulk Data: "the server MAY return an Expires header indicating when the files
+            // listed will no longer be available" — the end of the job's retention.
+            if let Some(value) = expires(&job, exports.retention) {
+                response.headers_mut().insert(header::EXPIRES, value);
+            }
             Ok(response)
         }
     }
+}
+
+/// When `job`'s files stop being available, as an HTTP-date.
+fn expires(job: &StoredJob, retention: Duration) -> Option<HeaderValue> {
+    let ended = job.finished_at.unwrap_or(job.updated_at);
+    let at = ended.saturating_add(time::Duration::try_from(retention).ok()?);
+    let text = at.to_offset(time::UtcOffset::UTC).format(HTTP_DATE).ok()?;
+    HeaderValue::from_str(&text).ok()
 }
 
 async fn cancel(
@@ -755,5 +945,53 @@ mod tests {
         assert!(!prefers_respond_async(&headers));
         headers.insert("prefer", HeaderValue::from_static("respond-asynchronously"));
         assert!(!prefers_respond_async(&headers));
+    }
+
+    #[test]
+    fn expiry_and_expires_follow_the_retention() {
+        let now = OffsetDateTime::from_unix_timestamp(1_760_000_000).unwrap();
+        let day = Duration::from_secs(86_400);
+        let expiry = expiry_at(now, day);
+        assert_eq!(expiry.finished_before, now - time::Duration::DAY);
+        assert_eq!(expiry.silent_before, now - time::Duration::DAY);
+        // A tiny retention never expires a live export (one that wrote progress within a minute).
+        let tiny = expiry_at(now, Duration::from_secs(2));
+        assert_eq!(tiny.finished_before, now - time::Duration::seconds(2));
+        assert_eq!(tiny.silent_before, now - time::Duration::seconds(60));
+        assert_eq!(sweep_interval(day), Duration::from_secs(300));
+        assert_eq!(
+            sweep_interval(Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_secs(600)),
+            Duration::from_secs(60)
+        );
+
+        let job = StoredJob {
+            id: "0".repeat(32),
+            owner: "icb".to_owned(),
+            feed: "feed".to_owned(),
+            request: String::new(),
+            types: None,
+            since: None,
+            state: ExportJobState::Complete,
+            progress: ExportProgress::default(),
+            key_version: 1,
+            opt_outs: "applied".to_owned(),
+            manifest: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            finished_at: Some(now),
+            instance_id: "local".to_owned(),
+        };
+        // 2025-10-09T08:53:20Z + 1 day.
+        assert_eq!(
+            expires(&job, day).unwrap().to_str().unwrap(),
+            "Fri, 10 Oct 2025 08:53:20 GMT"
+        );
+        assert!(!expiry.covers(&job));
+        assert!(expiry_at(now + time::Duration::DAY + time::Duration::SECOND, day).covers(&job));
     }
 }

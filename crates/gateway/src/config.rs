@@ -331,7 +331,7 @@ fn default_ndoo_max_age_days() -> u32 {
 /// Pseudonymised feeds (issue 5, `caregate_feeds`): where the definitions and the per-feed key
 /// file are. The key file may instead be named by the `CAREGATE_FEED_KEYS` environment variable
 /// (for a secret manager); it must never sit in the data directory's database.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeedsSection {
     /// Directory of feed definitions (`*.toml`); feeds are off when unset.
@@ -342,6 +342,33 @@ pub struct FeedsSection {
     /// directory. In cluster mode a directory every instance shares, so any instance can serve
     /// the files of an export another one ran.
     pub export_dir: Option<PathBuf>,
+    /// How long a finished Bulk Data export (complete, failed or cancelled) is kept, in
+    /// seconds: after it, its files are deleted, its job row removed and its status URL answers
+    /// 404. The complete status carries it as `Expires`. Default 24 hours; 1 second to 30 days.
+    pub export_retention_secs: u64,
+}
+
+impl FeedsSection {
+    /// The default [`FeedsSection::export_retention_secs`]: 24 hours.
+    pub const DEFAULT_EXPORT_RETENTION_SECS: u64 = 24 * 60 * 60;
+    /// The longest retention accepted: patient-derived files must not linger indefinitely.
+    pub const MAX_EXPORT_RETENTION_SECS: u64 = 30 * 24 * 60 * 60;
+
+    /// [`FeedsSection::export_retention_secs`] as a duration.
+    pub fn export_retention(&self) -> Duration {
+        Duration::from_secs(self.export_retention_secs)
+    }
+}
+
+impl Default for FeedsSection {
+    fn default() -> Self {
+        Self {
+            definitions: None,
+            key_file: None,
+            export_dir: None,
+            export_retention_secs: Self::DEFAULT_EXPORT_RETENTION_SECS,
+        }
+    }
 }
 
 /// The IG officers' listener: the audit API and web console (`crate::admin`), HTTPS with the same
@@ -781,6 +808,20 @@ impl Validator<'_> {
     }
 
     fn validate(&self, file: ConfigFile) -> Result<Config, ConfigError> {
+        let retention = file.feeds.export_retention_secs;
+        if !(1..=FeedsSection::MAX_EXPORT_RETENTION_SECS).contains(&retention) {
+            return Err(ConfigError {
+                file: self.path.to_owned(),
+                line: self.key_line("feeds", "export_retention_secs"),
+                field: Some("feeds.export_retention_secs".to_owned()),
+                message: format!(
+                    "must be between 1 and {} seconds (30 days): finished exports' files are \
+                     deleted after it (default {}, 24 hours)",
+                    FeedsSection::MAX_EXPORT_RETENTION_SECS,
+                    FeedsSection::DEFAULT_EXPORT_RETENTION_SECS
+                ),
+            });
+        }
         let limits = &file.limits;
         if limits.max_json_depth == 0 || limits.max_json_depth > 100 {
             return Err(self.error(
@@ -1044,6 +1085,7 @@ impl Validator<'_> {
                 definitions: file.feeds.definitions.as_deref().map(|p| self.resolve(p)),
                 key_file: file.feeds.key_file.as_deref().map(|p| self.resolve(p)),
                 export_dir: file.feeds.export_dir.as_deref().map(|p| self.resolve(p)),
+                export_retention_secs: file.feeds.export_retention_secs,
             },
             policy: file.policy.map(|policy| PolicySection {
                 dir: self.resolve(&policy.dir),
@@ -1457,6 +1499,32 @@ jwks = { keys = [] }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/caregate/caregate.toml"), text)
+    }
+
+    #[test]
+    fn export_retention_defaults_to_a_day_and_is_bounded() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.feeds.export_retention(), Duration::from_secs(86_400));
+        let with = |value: &str| format!("{MINIMAL}\n[feeds]\nexport_retention_secs = {value}\n");
+        let config = parse(&with("2")).unwrap();
+        assert_eq!(config.feeds.export_retention_secs, 2);
+        for bad in ["0", "2592001"] {
+            let err = parse(&with(bad)).unwrap_err();
+            let shown = err.to_string();
+            assert_eq!(
+                err.field.as_deref(),
+                Some("feeds.export_retention_secs"),
+                "{shown}"
+            );
+            assert!(
+                shown.starts_with("/etc/caregate/caregate.toml:") && err.line.is_some(),
+                "{shown}"
+            );
+            assert!(shown.contains("between 1 and 2592000 seconds"), "{shown}");
+        }
+        // A negative value is a type error, naming the file and the line.
+        let err = parse(&with("-1")).unwrap_err();
+        assert!(err.line.is_some(), "{err}");
     }
 
     #[test]

@@ -632,9 +632,16 @@ pub async fn run(
         crate::config::StoreSettings::Postgres(pg) => pg.instance_id.clone(),
         crate::config::StoreSettings::Sqlite => "local".to_owned(),
     };
-    let app = crate::bulk_export::attach(app, &config, feed_policy, store.as_ref(), &instance_id)
-        .await
-        .map_err(StartError::Partners)?;
+    let (app, export_sweeper) = crate::bulk_export::attach(
+        app,
+        &config,
+        feed_policy,
+        &store,
+        &instance_id,
+        stopping.clone(),
+    )
+    .await
+    .map_err(StartError::Partners)?;
     let started = Started {
         local_addr,
         base_url,
@@ -664,6 +671,10 @@ pub async fn run(
     );
     if let Some(task) = admin_task {
         // The admin listener drains within the same grace; it has had it by now.
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    if let Some(task) = export_sweeper {
+        // The export retention sweep stops at its next job once told to stop.
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     // Close the store (the writer finishes its queue, the WAL is checkpointed) once nothing else
