@@ -9,14 +9,15 @@
 #
 # Optional: CAREGATE (a built binary; default: cargo build -p caregate --bin caregate, then
 # $CARGO_TARGET_DIR/debug/caregate), BDC_PORT (19443), BDC_ADMIN_PORT (19444), BDC_PATIENTS (1000; fewer patients can leave every equivalence class below the feed's k, and the files empty),
-# BDC_FEED (icb-qe1-population-health), BDC_KEEP=1 (keep the work directory).
+# BDC_FEED (unset: a plain `--global` export, which builds the ICB's `system_export` feed,
+# icb-qe1-population-health; set: `--global -c _feed=BDC_FEED`), BDC_KEEP=1 (keep the work directory).
 #
 # What it does: `caregate demo --data WORK/data` (a seeded synthetic day submitted, delivered and
 # exported), then `caregate serve` on that data directory with its own ports, then four client
 # runs as the ICB analytics partner (icb-qe1, SMART Backend Services, ES384 key from
 # deploy/example/keys converted to a private JWK; token URL auto-detected by the client from
 # /.well-known/smart-configuration; TLS trust by NODE_EXTRA_CA_CERTS = the dev certificate):
-#   1. system-level export of the feed (`--global -c _feed=FEED`); then a kick-off and a
+#   1. system-level export (`--global`, or `--global -c _feed=FEED` with BDC_FEED); then a kick-off and a
 #      cancellation through the client's own API (kickOff(), cancelExport() = DELETE on the
 #      status URL); the status URL must then answer 404;
 #   2. the same with `_type=Patient,Encounter`;
@@ -36,6 +37,8 @@ PORT=${BDC_PORT:-19443}
 ADMIN_PORT=${BDC_ADMIN_PORT:-19444}
 PATIENTS=${BDC_PATIENTS:-1000}
 FEED=${BDC_FEED:-icb-qe1-population-health}
+FEED_ARGS=()
+if [ -n "${BDC_FEED:-}" ]; then FEED_ARGS=(-c "_feed=$FEED"); fi
 PARTNER=icb-qe1
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/caregate-bdc.XXXXXX")
 SERVER_PID=
@@ -107,13 +110,13 @@ run_client() { # run_client NAME ARGS...
     mkdir -p "$WORK/out/$name"
     set +e
     local cmd
-    cmd=$(printf '%q ' node . --config "$WORK/client-config.js" --global -c "_feed=$FEED" \
+    cmd=$(printf '%q ' node . --config "$WORK/client-config.js" --global "${FEED_ARGS[@]}" \
         -d "$WORK/out/$name" "$@")
     (cd "$BDC" && NODE_EXTRA_CA_CERTS="$CA" SHOW_ERRORS=y timeout 120 bash -c "$cmd" </dev/null) \
         > "$WORK/out/$name.log" 2>&1
     local rc=$?
     set -e
-    echo "--- client run $name (exit $rc): node . --global -c _feed=$FEED $*"
+    echo "--- client run $name (exit $rc): node . --global ${FEED_ARGS[*]} $*"
     sed 's/^/    /' "$WORK/out/$name.log" | tail -25
     return $rc
 }

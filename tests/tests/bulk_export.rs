@@ -732,3 +732,56 @@ async fn an_expired_export_is_gone_and_a_fresh_one_still_works() {
         );
     }
 }
+
+/// A consumer with two feeds: the plain system-level `GET /fhir/$export` (all that Bulk Data
+/// clients such as SMART's bulk-data-client know) builds the feed marked `system_export`;
+/// the other is reached with `_feed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_level_export_builds_the_consumers_system_export_feed() {
+    const OTHER: &str = "icb-qe1-risk-stratification";
+    let mut gw = feed_gateway().await;
+    assert!(gw.terminate().await);
+    let shipped = workspace_root().join("policies/feeds");
+    std::fs::copy(
+        shipped.join(format!("{OTHER}.toml")),
+        gw.dir.path().join("feeds").join(format!("{OTHER}.toml")),
+    )
+    .unwrap();
+    let status = Command::new(binary())
+        .args(["keys", "new", OTHER, "--key-file"])
+        .arg(gw.dir.path().join("feed-keys.toml"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    gw.launch();
+    let token = gw.token("icb-qe1").await;
+
+    let mut jobs = Vec::new();
+    for query in ["", "?_feed=icb-qe1-risk-stratification"] {
+        let kick_off = gw
+            .client
+            .get(format!("{}/fhir/$export{query}", gw.base_url))
+            .bearer_auth(&token)
+            .header("Prefer", "respond-async")
+            .header("Accept", "application/fhir+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(kick_off.status(), 202, "{query}");
+        let status_url = kick_off.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        wait_for_manifest(&gw, &token, &status_url).await;
+        jobs.push(status_url.rsplit('/').next().unwrap().to_owned());
+    }
+    let conn = rusqlite::Connection::open(gw.data_dir().join("caregate.db")).unwrap();
+    let feed_of = |id: &str| -> String {
+        conn.query_row("SELECT feed FROM export_jobs WHERE id = ?1", [id], |row| {
+            row.get(0)
+        })
+        .unwrap()
+    };
+    assert_eq!(feed_of(&jobs[0]), FEED);
+    assert_eq!(feed_of(&jobs[1]), OTHER);
+}

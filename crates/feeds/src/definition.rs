@@ -115,6 +115,9 @@ pub struct FeedDefinition {
     pub k: u32,
     /// Write `.ndjson.gz` instead of `.ndjson`.
     pub gzip: bool,
+    /// The feed a system-level `$export` without `_feed` builds when its consumer receives several
+    /// feeds (Bulk Data clients that only know `GET /$export`); at most one per consumer.
+    pub system_export: bool,
     pub generalise: Generalisation,
     /// Per resource type (FHIR spelling), the compiled element rules.
     pub resources: BTreeMap<String, ElementRules>,
@@ -167,6 +170,8 @@ struct DefinitionFile {
     k: u32,
     #[serde(default)]
     gzip: bool,
+    #[serde(default)]
+    system_export: bool,
     #[serde(default)]
     opt_out: OptOutSection,
     #[serde(default)]
@@ -232,6 +237,21 @@ impl FeedDefinition {
                     line: None,
                     field: Some("id".into()),
                     message: format!("feed {} is defined twice", definition.id),
+                });
+            }
+            if definition.system_export
+                && let Some(other) = definitions
+                    .iter()
+                    .find(|d| d.system_export && d.consumer == definition.consumer)
+            {
+                return Err(DefinitionError {
+                    file: path,
+                    line: None,
+                    field: Some("system_export".into()),
+                    message: format!(
+                        "feed {} is already the system-level export of consumer {}; only one feed per consumer may be",
+                        other.id, definition.consumer
+                    ),
                 });
             }
             definitions.push(definition);
@@ -364,6 +384,7 @@ impl FeedDefinition {
             opt_outs,
             k: file.k,
             gzip: file.gzip,
+            system_export: file.system_export,
             generalise: file.generalise,
             resources,
             digest: digest(text.as_bytes()),

@@ -137,3 +137,44 @@ fn k_below_two_and_reserved_elements_are_refused() {
         "id must match the file name"
     );
 }
+
+#[test]
+fn the_shipped_bundle_names_one_system_export_feed_per_consumer_with_several() {
+    let definitions = FeedDefinition::load_dir(&policies().join("feeds")).unwrap();
+    let mut per_consumer: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for definition in &definitions {
+        let entry = per_consumer.entry(&definition.consumer).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(definition.system_export);
+    }
+    for (consumer, (feeds, defaults)) in per_consumer {
+        if feeds > 1 {
+            assert_eq!(defaults, 1, "{consumer} receives {feeds} feeds");
+        }
+    }
+}
+
+#[test]
+fn two_system_export_feeds_for_one_consumer_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_default = MINIMAL.replace("k = 8", "k = 8\nsystem_export = true");
+    std::fs::write(dir.path().join("feed-a.toml"), &with_default).unwrap();
+    std::fs::write(
+        dir.path().join("feed-b.toml"),
+        with_default.replace("\"feed-a\"", "\"feed-b\""),
+    )
+    .unwrap();
+    let error = FeedDefinition::load_dir(dir.path()).unwrap_err();
+    assert_eq!(error.field.as_deref(), Some("system_export"), "{error}");
+    assert!(error.file.ends_with("feed-b.toml"), "{error}");
+    assert!(error.message.contains("feed-a"), "{error}");
+
+    // One default per consumer is fine.
+    std::fs::write(
+        dir.path().join("feed-b.toml"),
+        MINIMAL.replace("\"feed-a\"", "\"feed-b\""),
+    )
+    .unwrap();
+    let definitions = FeedDefinition::load_dir(dir.path()).unwrap();
+    assert_eq!(definitions.iter().filter(|d| d.system_export).count(), 1);
+}

@@ -3,8 +3,9 @@
 //!
 //! - Kick-off: `GET /fhir/$export` (system level) or `GET /fhir/Group/{feed}/$export` — each feed
 //!   is modelled as a Group whose members are the feed's population, so a consumer with several
-//!   feeds names one by the Group id; the system-level form picks the caller's only feed or the
-//!   one named by `_feed`. `Prefer` is parsed as a list (`respond-async, handling=lenient`).
+//!   feeds names one by the Group id; the system-level form picks the one named by `_feed`, else
+//!   the caller's only feed, else the caller's feed marked `system_export` in its definition (so
+//!   clients that know only `GET /$export` work). `Prefer` is parsed as a list (`respond-async, handling=lenient`).
 //!   Answers 202 with `Content-Location`.
 //! - Status: `GET /fhir/$export-status/{id}`: 202 with `X-Progress` and `Retry-After` while
 //!   running; 200 with the manifest (an `extension` names the feed, the key version and carries
@@ -522,11 +523,14 @@ async fn kick_off(
             .ok_or(ApiError::NotFound)?,
         (None, [only]) => *only,
         (None, []) => return Err(ApiError::NotFound),
-        (None, _) => {
-            return Err(bad_request(
-                "this client receives several feeds: name one with _feed or GET /fhir/Group/{feed}/$export",
-            ));
-        }
+        (None, several) => match several.iter().find(|d| d.system_export) {
+            Some(default) => *default,
+            None => {
+                return Err(bad_request(
+                    "this client receives several feeds and none is marked system_export: name one with _feed or GET /fhir/Group/{feed}/$export",
+                ));
+            }
+        },
     };
     let types = match param("_type") {
         None => None,
