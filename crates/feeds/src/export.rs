@@ -392,7 +392,7 @@ fn export_into(
                 nhs_number: entry.nhs_number.as_deref(),
                 as_of,
             };
-            let Some(transformed) = transformer.apply(&value, &context) else {
+            let Some(transformed) = transformer.apply_owned(value, &context) else {
                 continue;
             };
             let patient = transformed.patient.unwrap_or_else(|| "-".to_owned());

@@ -17,6 +17,13 @@
 //!   cannot release the NHS number.
 //!
 //! No I/O and no clock: the export's transaction date comes in [`RecordContext::as_of`].
+//!
+//! **Cost** (issue 5: ≤ 5 µs for 2 KB, ≤ 40 µs for 8 KB; BENCHMARKS.md): the transform works in
+//! place on the parsed resource ([`Transformer::apply_owned`]; the export owns each entry it
+//! parses), so a kept element is never copied, a month is a truncation and a shifted date a
+//! rewrite of its first ten bytes. Pseudonyms are MAC'd from parts (no formatting) from a key
+//! whose HMAC pads are hashed once per transformer. Lookups scan an object's few keys rather than
+//! hash them (`field`). Output, key order included, is pinned by `tests/golden.rs`.
 
 use caregate_fhir::identifier::{NHS_NUMBER, ODS_ORGANIZATION_CODE, ODS_SITE_CODE};
 use serde_json::{Map, Value};
@@ -82,7 +89,11 @@ enum PatientIdentity {
 /// The transform for one feed and key version. Cheap to build; build one per export.
 pub struct Transformer<'a> {
     definition: &'a FeedDefinition,
+    /// Keyed once here: each MAC starts from a copy of this key's HMAC state (inner and outer
+    /// pads already hashed), never from the secret.
     key: aws_lc_rs::hmac::Key,
+    /// `caregate-feeds/v1\0 ‖ feed id ‖ \0`, the start of every pseudonym's MAC input.
+    pseudonym_prefix: Vec<u8>,
     pseudonym_system: String,
 }
 
@@ -110,24 +121,36 @@ pub fn pseudonymise(resource: &Value, definition: &FeedDefinition, key: &FeedKey
 
 impl<'a> Transformer<'a> {
     pub fn new(definition: &'a FeedDefinition, key: &FeedKey) -> Self {
+        let mut pseudonym_prefix = b"caregate-feeds/v1\0".to_vec();
+        pseudonym_prefix.extend_from_slice(definition.id.as_bytes());
+        pseudonym_prefix.push(0);
         Transformer {
             definition,
             key: key.hmac_key(),
+            pseudonym_prefix,
             pseudonym_system: format!("{PSEUDONYM_SYSTEM_BASE}/{}", definition.id),
         }
     }
 
-    /// The feed's pseudonym of `value` in `domain`.
-    fn token(&self, domain: &str, value: &str) -> String {
+    /// Append the feed's pseudonym of `value` in `domain` to `out`. `value` comes in parts so
+    /// callers need not format it: the MAC input is `prefix ‖ domain ‖ \0 ‖ parts…`.
+    fn push_token(&self, domain: &str, value: &[&str], out: &mut String) {
         let mut context = aws_lc_rs::hmac::Context::with_key(&self.key);
-        context.update(b"caregate-feeds/v1\0");
-        context.update(self.definition.id.as_bytes());
-        context.update(b"\0");
+        context.update(&self.pseudonym_prefix);
         context.update(domain.as_bytes());
         context.update(b"\0");
-        context.update(value.as_bytes());
+        for part in value {
+            context.update(part.as_bytes());
+        }
         let tag = context.sign();
-        base32(&tag.as_ref()[..PSEUDONYM_BYTES])
+        push_base32(&tag.as_ref()[..PSEUDONYM_BYTES], out);
+    }
+
+    /// The feed's pseudonym of `value` in `domain`.
+    fn token(&self, domain: &str, value: &str) -> String {
+        let mut out = String::with_capacity(PSEUDONYM_CHARS);
+        self.push_token(domain, &[value], &mut out);
+        out
     }
 
     fn patient_token(&self, patient: &PatientIdentity) -> String {
@@ -137,8 +160,9 @@ impl<'a> Transformer<'a> {
         }
     }
 
-    fn local_token(&self, partner: &str, resource_type: &str, id: &str) -> String {
-        self.token("local", &format!("{partner}|{resource_type}|{id}"))
+    /// Append the pseudonym of `partner|resource_type|id` (ids are scoped per partner).
+    fn push_local_token(&self, partner: &str, resource_type: &str, id: &str, out: &mut String) {
+        self.push_token("local", &[partner, "|", resource_type, "|", id], out);
     }
 
     /// The patient pseudonym for an NHS number (for tests and IG re-identification requests).
@@ -148,31 +172,75 @@ impl<'a> Transformer<'a> {
 
     /// Per-patient date shift in days, −180…+180, from the key.
     fn shift_days(&self, patient: Option<&PatientIdentity>) -> i64 {
-        let basis = match patient {
-            Some(PatientIdentity::Nhs(number)) => format!("nhs|{number}"),
-            Some(PatientIdentity::Local(local)) => format!("local|{local}"),
-            None => "none".to_owned(),
+        let basis: [&[u8]; 2] = match patient {
+            Some(PatientIdentity::Nhs(number)) => [b"nhs|", number.as_bytes()],
+            Some(PatientIdentity::Local(local)) => [b"local|", local.as_bytes()],
+            None => [b"none", b""],
         };
         let mut context = aws_lc_rs::hmac::Context::with_key(&self.key);
         context.update(b"caregate-feeds/date-shift\0");
-        context.update(basis.as_bytes());
+        for part in basis {
+            context.update(part);
+        }
         let tag = context.sign();
         let bytes = tag.as_ref();
         let value = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         i64::from(value % (2 * MAX_SHIFT_DAYS + 1)) - i64::from(MAX_SHIFT_DAYS)
     }
 
-    /// Transform one resource; `None` if the feed does not carry its type.
+    /// Transform one resource; `None` if the feed does not carry its type. Works on a copy; a
+    /// caller that owns the parsed resource (an export) should use [`Self::apply_owned`].
     pub fn apply(&self, resource: &Value, context: &RecordContext<'_>) -> Option<Transformed> {
         let input = resource.as_object()?;
-        let resource_type = input.get("resourceType")?.as_str()?;
+        let resource_type = field(input, "resourceType")?.as_str()?;
+        let root = &self.definition.rules(resource_type)?.root;
+        // A top-level element the walk would only drop or count as redacted is copied as
+        // `null` (same key, same place): the copy costs what can be released.
+        let copy = input
+            .iter()
+            .map(|(key, value)| {
+                let value = if reads_value(root, key) {
+                    value.clone()
+                } else {
+                    Value::Null
+                };
+                (key.clone(), value)
+            })
+            .collect();
+        self.apply_owned(Value::Object(copy), context)
+    }
+
+    /// Transform one resource in place, consuming it: what the feed releases stays where it
+    /// lies (kept elements are not copied), the rest is removed. The same output as
+    /// [`Self::apply`].
+    pub fn apply_owned(&self, resource: Value, context: &RecordContext<'_>) -> Option<Transformed> {
+        let Value::Object(mut map) = resource else {
+            return None;
+        };
+        let resource_type = field(&map, "resourceType")?.as_str()?;
         let rules = self.definition.rules(resource_type)?;
-        let id = input.get("id").and_then(Value::as_str).unwrap_or("");
-        let patient = patient_identity(resource_type, input, context);
+        // `resourceType` is released as it is, after the walk. Its string is taken out now (no
+        // copy); the walk then drops the emptied element, unless a rule mentions it
+        // (`"resource[x]"`): that walk must see the string, as it did every other element.
+        let type_name = if rules.root.child("resourceType").is_some() {
+            resource_type.to_owned()
+        } else {
+            match field_mut(&mut map, "resourceType") {
+                Some(Value::String(name)) => std::mem::take(name),
+                _ => return None,
+            }
+        };
+        let resource_type = type_name.as_str();
+        let patient = patient_identity(resource_type, &map, context);
         let patient_token = patient.as_ref().map(|p| self.patient_token(p));
         let own_id = match (&patient_token, resource_type) {
             (Some(token), "Patient") => token.clone(),
-            _ => self.local_token(context.partner, resource_type, id),
+            _ => {
+                let mut own_id = String::with_capacity(PSEUDONYM_CHARS);
+                let id = field(&map, "id").and_then(Value::as_str).unwrap_or("");
+                self.push_local_token(context.partner, resource_type, id, &mut own_id);
+                own_id
+            }
         };
         let mut walk = Walk {
             transformer: self,
@@ -182,15 +250,15 @@ impl<'a> Transformer<'a> {
             shift: None,
             redactions: 0,
         };
-        let mut output = walk.object(input, &rules.root, None);
-        output.insert(
-            "resourceType".into(),
-            Value::String(resource_type.to_owned()),
-        );
-        output.insert("id".into(), Value::String(own_id));
+        walk.object(&mut map, &rules.root, None);
         let redactions = walk.redactions;
-        let resource = Value::Object(output);
-        let quasi_identifiers = (resource_type == "Patient").then(|| quasi_identifiers(&resource));
+        let is_patient = resource_type == "Patient";
+        // After the released elements, in this order (no rule can name `id`: it is reserved).
+        // Key order is part of the output's bytes when serde_json keeps insertion order.
+        map.insert("resourceType".into(), Value::String(type_name));
+        map.insert("id".into(), Value::String(own_id));
+        let resource = Value::Object(map);
+        let quasi_identifiers = is_patient.then(|| quasi_identifiers(&resource));
         Some(Transformed {
             resource,
             patient: patient_token,
@@ -200,10 +268,33 @@ impl<'a> Transformer<'a> {
     }
 }
 
-/// Lowercase RFC 4648 base32, no padding.
-fn base32(bytes: &[u8]) -> String {
+/// Whether transforming a resource reads the value of its top-level element `key`: the
+/// elements the patient is found in, the type and id, and those a rule may release. The others
+/// are dropped or counted as redacted, whatever they hold.
+fn reads_value(root: &Node, key: &str) -> bool {
+    if matches!(
+        key,
+        "resourceType" | "id" | "identifier" | "subject" | "patient" | "beneficiary"
+    ) {
+        return true;
+    }
+    let child = root.child(key);
+    match child {
+        Some(child) if !child.children.is_empty() => true,
+        _ => matches!(
+            root.action_for(key, child),
+            Some(Action::Keep | Action::Pseudonym | Action::Generalise)
+        ),
+    }
+}
+
+/// Characters of a pseudonym: 128 bits in base32.
+const PSEUDONYM_CHARS: usize = (PSEUDONYM_BYTES * 8).div_ceil(5);
+
+/// Append lowercase RFC 4648 base32, no padding.
+fn push_base32(bytes: &[u8], out: &mut String) {
     const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    out.reserve((bytes.len() * 8).div_ceil(5));
     let mut buffer = 0u32;
     let mut bits = 0u32;
     for &byte in bytes {
@@ -217,6 +308,13 @@ fn base32(bytes: &[u8]) -> String {
     if bits > 0 {
         out.push(char::from(ALPHABET[((buffer << (5 - bits)) & 31) as usize]));
     }
+}
+
+/// Lowercase RFC 4648 base32, no padding.
+#[cfg(test)]
+fn base32(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    push_base32(bytes, &mut out);
     out
 }
 
@@ -234,8 +332,7 @@ fn patient_identity(
         return Some(PatientIdentity::Nhs(normalise_nhs_number(number)));
     }
     if resource_type == "Patient" {
-        let from_identifier = input
-            .get("identifier")
+        let from_identifier = field(input, "identifier")
             .and_then(Value::as_array)
             .and_then(|ids| ids.iter().find_map(nhs_identifier_value));
         return Some(match from_identifier {
@@ -243,19 +340,18 @@ fn patient_identity(
             None => PatientIdentity::Local(format!(
                 "{}|Patient|{}",
                 context.partner,
-                input.get("id").and_then(Value::as_str).unwrap_or("")
+                field(input, "id").and_then(Value::as_str).unwrap_or("")
             )),
         });
     }
     for element in ["subject", "patient", "beneficiary"] {
-        let Some(reference) = input.get(element).and_then(Value::as_object) else {
+        let Some(reference) = field(input, element).and_then(Value::as_object) else {
             continue;
         };
-        if let Some(number) = reference.get("identifier").and_then(nhs_identifier_value) {
+        if let Some(number) = field(reference, "identifier").and_then(nhs_identifier_value) {
             return Some(PatientIdentity::Nhs(number));
         }
-        if let Some(id) = reference
-            .get("reference")
+        if let Some(id) = field(reference, "reference")
             .and_then(Value::as_str)
             .and_then(|r| r.strip_prefix("Patient/"))
         {
@@ -271,9 +367,13 @@ fn patient_identity(
 
 /// The NHS number of an Identifier with the NHS number system.
 fn nhs_identifier_value(identifier: &Value) -> Option<String> {
-    let identifier = identifier.as_object()?;
-    (identifier.get("system")?.as_str()? == NHS_NUMBER)
-        .then(|| identifier.get("value").and_then(Value::as_str))
+    nhs_identifier_number(identifier.as_object()?)
+}
+
+/// The NHS number of an Identifier (as a map) with the NHS number system.
+fn nhs_identifier_number(identifier: &Map<String, Value>) -> Option<String> {
+    (field(identifier, "system")?.as_str()? == NHS_NUMBER)
+        .then(|| field(identifier, "value").and_then(Value::as_str))
         .flatten()
         .map(normalise_nhs_number)
 }
@@ -282,6 +382,9 @@ fn is_organisation_system(system: &str) -> bool {
     system == ODS_ORGANIZATION_CODE || system == ODS_SITE_CODE
 }
 
+/// One resource's walk. Every method takes an element in place and answers whether it is
+/// released: `true` with the element rewritten where it lies, `false` for the caller to remove
+/// it (its content is then unspecified).
 struct Walk<'t, 'c> {
     transformer: &'t Transformer<'t>,
     context: &'c RecordContext<'c>,
@@ -292,23 +395,17 @@ struct Walk<'t, 'c> {
 }
 
 impl Walk<'_, '_> {
-    fn object(
-        &mut self,
-        input: &Map<String, Value>,
-        node: &Node,
-        inherited: Option<Action>,
-    ) -> Map<String, Value> {
-        let mut output = Map::new();
+    fn object(&mut self, map: &mut Map<String, Value>, node: &Node, inherited: Option<Action>) {
         let mut age_band = None;
-        for (key, value) in input {
+        map.retain(|key, value| {
             let child = node.child(key);
             let action = node.action_for(key, child).or(inherited);
-            let transformed = match child {
+            match child {
                 Some(child) if !child.children.is_empty() => {
                     self.structural(key, value, child, action)
                 }
                 _ => match action {
-                    None | Some(Action::Drop) => None,
+                    None | Some(Action::Drop) => false,
                     Some(Action::Generalise)
                         if key == "birthDate"
                             && self.transformer.definition.generalise.birth_date
@@ -317,59 +414,53 @@ impl Walk<'_, '_> {
                         age_band = value
                             .as_str()
                             .and_then(|b| age_band_at(b, self.context.as_of));
-                        None
+                        false
                     }
                     Some(action) => self.leaf(action, key, value),
                 },
-            };
-            if let Some(value) = transformed {
-                output.insert(key.clone(), value);
             }
-        }
+        });
         if let Some(band) = age_band {
             let extension = serde_json::json!({ "url": AGE_BAND_EXTENSION, "valueString": band });
-            match output.get_mut("extension").and_then(Value::as_array_mut) {
+            match field_mut(map, "extension").and_then(Value::as_array_mut) {
                 Some(extensions) => extensions.push(extension),
                 None => {
-                    output.insert("extension".into(), Value::Array(vec![extension]));
+                    map.insert("extension".into(), Value::Array(vec![extension]));
                 }
             }
         }
-        output
     }
 
     /// An element with more specific rules below it.
     fn structural(
         &mut self,
         key: &str,
-        value: &Value,
+        value: &mut Value,
         node: &Node,
         action: Option<Action>,
-    ) -> Option<Value> {
+    ) -> bool {
         match value {
             Value::Object(map) => {
-                let output = self.object(map, node, action);
-                (!output.is_empty()).then_some(Value::Object(output))
+                self.object(map, node, action);
+                !map.is_empty()
             }
-            Value::Array(items) => non_empty_array(
-                items
-                    .iter()
-                    .filter_map(|item| self.structural(key, item, node, action))
-                    .collect(),
-            ),
+            Value::Array(items) => {
+                items.retain_mut(|item| self.structural(key, item, node, action));
+                !items.is_empty()
+            }
             primitive => match action {
-                None | Some(Action::Drop) => None,
+                None | Some(Action::Drop) => false,
                 Some(action) => self.leaf(action, key, primitive),
             },
         }
     }
 
-    fn leaf(&mut self, action: Action, key: &str, value: &Value) -> Option<Value> {
+    fn leaf(&mut self, action: Action, key: &str, value: &mut Value) -> bool {
         match action {
-            Action::Drop => None,
+            Action::Drop => false,
             Action::Redact => {
                 self.redactions += 1;
-                None
+                false
             }
             Action::Keep => self.keep(key, value),
             Action::Pseudonym => self.pseudonym(key, value),
@@ -380,57 +471,60 @@ impl Walk<'_, '_> {
     /// Copy, but never an NHS number or a raw reference (rewritten on the way) nor free text
     /// (`text`, `div`: CodeableConcept text, narrative, annotations are written about one person)
     /// unless a more specific rule names it.
-    fn keep(&mut self, key: &str, value: &Value) -> Option<Value> {
+    fn keep(&mut self, key: &str, value: &mut Value) -> bool {
         match value {
+            Value::Object(map)
+                if field(map, "reference").is_some() || looks_like_patient_identifier(map) =>
+            {
+                self.pseudonym(key, value)
+            }
             Value::Object(map) => {
-                if map.contains_key("reference") || looks_like_patient_identifier(map) {
-                    return self.pseudonym(key, value);
-                }
-                let mut output = Map::new();
-                for (k, v) in map {
+                map.retain(|k, v| {
                     if k == "text" || k == "div" {
                         self.redactions += 1;
-                        continue;
+                        return false;
                     }
-                    if let Some(v) = self.keep(k, v) {
-                        output.insert(k.clone(), v);
-                    }
-                }
-                (!output.is_empty()).then_some(Value::Object(output))
+                    self.keep(k, v)
+                });
+                !map.is_empty()
             }
             Value::Array(items) => {
-                non_empty_array(items.iter().filter_map(|v| self.keep(key, v)).collect())
+                items.retain_mut(|v| self.keep(key, v));
+                !items.is_empty()
             }
-            other => Some(other.clone()),
+            _ => true,
         }
     }
 
-    fn pseudonym(&mut self, key: &str, value: &Value) -> Option<Value> {
+    fn pseudonym(&mut self, key: &str, value: &mut Value) -> bool {
         match value {
-            Value::Array(items) => non_empty_array(
-                items
-                    .iter()
-                    .filter_map(|v| self.pseudonym(key, v))
-                    .collect(),
-            ),
+            Value::Array(items) => {
+                items.retain_mut(|v| self.pseudonym(key, v));
+                !items.is_empty()
+            }
             Value::Object(map)
-                if map.contains_key("reference") || map.contains_key("identifier") =>
+                if field(map, "reference").is_some() || field(map, "identifier").is_some() =>
             {
                 self.reference(map)
             }
-            Value::Object(map) => self.identifier(map).map(Value::Object),
-            Value::String(text) => Some(Value::String(self.transformer.token(key, text.trim()))),
-            _ => None,
+            Value::Object(map) => self.identifier(map),
+            Value::String(text) => {
+                let mut token = String::with_capacity(PSEUDONYM_CHARS);
+                self.transformer.push_token(key, &[text.trim()], &mut token);
+                *text = token;
+                true
+            }
+            _ => false,
         }
     }
 
     /// A Reference: to the record's patient → `Patient/<patient pseudonym>`; to another
     /// resource → `Type/<pseudonym>`; organisations by ODS code are kept (not personal data);
     /// `display` never survives (it can carry a name).
-    fn reference(&mut self, map: &Map<String, Value>) -> Option<Value> {
+    fn reference(&mut self, map: &mut Map<String, Value>) -> bool {
         let transformer = self.transformer;
         let mut output = Map::new();
-        if let Some(reference) = map.get("reference").and_then(Value::as_str) {
+        if let Some(reference) = field(map, "reference").and_then(Value::as_str) {
             let mut parts = reference.split('/');
             if let (Some(resource_type), Some(id)) = (parts.next(), parts.next())
                 && !reference.contains(':')
@@ -439,73 +533,112 @@ impl Walk<'_, '_> {
                     .next()
                     .is_some_and(|c| c.is_ascii_uppercase())
             {
-                let token = if resource_type == "Patient" {
-                    match (self.patient, self.patient_token) {
-                        (Some(PatientIdentity::Nhs(_)), Some(token)) => token.to_owned(),
-                        _ => transformer.local_token(self.context.partner, "Patient", id),
+                let mut rewritten =
+                    String::with_capacity(resource_type.len() + 1 + PSEUDONYM_CHARS);
+                rewritten.push_str(resource_type);
+                rewritten.push('/');
+                match (resource_type, self.patient, self.patient_token) {
+                    ("Patient", Some(PatientIdentity::Nhs(_)), Some(token)) => {
+                        rewritten.push_str(token);
                     }
-                } else {
-                    transformer.local_token(self.context.partner, resource_type, id)
-                };
-                output.insert(
-                    "reference".into(),
-                    Value::String(format!("{resource_type}/{token}")),
-                );
+                    _ => transformer.push_local_token(
+                        self.context.partner,
+                        resource_type,
+                        id,
+                        &mut rewritten,
+                    ),
+                }
+                output.insert("reference".into(), Value::String(rewritten));
             }
             // `#contained`, `urn:uuid:` and absolute URLs point outside the feed: dropped.
-        } else if let Some(identifier) = map.get("identifier").and_then(Value::as_object) {
-            if let Some(number) = nhs_identifier_value(&Value::Object(identifier.clone())) {
-                let token = transformer.token("nhs-number", &number);
+        } else if let Some(identifier) = field_mut(map, "identifier").and_then(Value::as_object_mut)
+        {
+            if let Some(number) = nhs_identifier_number(identifier) {
+                let mut rewritten = String::with_capacity("Patient/".len() + PSEUDONYM_CHARS);
+                rewritten.push_str("Patient/");
+                match (self.patient, self.patient_token) {
+                    // Usually the record's own patient: that pseudonym is already made.
+                    (Some(PatientIdentity::Nhs(patient)), Some(token)) if *patient == number => {
+                        rewritten.push_str(token);
+                    }
+                    _ => transformer.push_token("nhs-number", &[&number], &mut rewritten),
+                }
+                output.insert("reference".into(), Value::String(rewritten));
+            } else if self.identifier(identifier) {
                 output.insert(
-                    "reference".into(),
-                    Value::String(format!("Patient/{token}")),
+                    "identifier".into(),
+                    Value::Object(std::mem::take(identifier)),
                 );
-            } else if let Some(identifier) = self.identifier(identifier) {
-                output.insert("identifier".into(), Value::Object(identifier));
             }
         }
         if output.is_empty() {
-            return None;
+            return false;
         }
-        if let Some(kind) = map.get("type").and_then(Value::as_str) {
-            output.insert("type".into(), Value::String(kind.to_owned()));
+        if let Some(kind) = field_mut(map, "type")
+            && let Value::String(kind) = kind
+        {
+            output.insert("type".into(), Value::String(std::mem::take(kind)));
         }
-        Some(Value::Object(output))
+        *map = output;
+        true
     }
 
-    /// An Identifier: organisations kept; anything else → the feed's pseudonym system.
-    fn identifier(&mut self, map: &Map<String, Value>) -> Option<Map<String, Value>> {
-        let value = map.get("value")?.as_str()?;
-        let system = map.get("system").and_then(Value::as_str).unwrap_or("");
-        let mut output = Map::new();
-        if is_organisation_system(system) {
-            output.insert("system".into(), Value::String(system.to_owned()));
-            output.insert("value".into(), Value::String(value.to_owned()));
-            return Some(output);
-        }
-        let token = if system == NHS_NUMBER {
-            self.transformer
-                .token("nhs-number", &normalise_nhs_number(value))
-        } else {
-            self.transformer
-                .token("identifier", &format!("{system}|{}", value.trim()))
+    /// An Identifier: organisations kept; anything else → the feed's pseudonym system. The
+    /// result is `{system, value}` in that order.
+    fn identifier(&mut self, map: &mut Map<String, Value>) -> bool {
+        let Some(value) = field(map, "value").and_then(Value::as_str) else {
+            return false;
         };
-        output.insert(
-            "system".into(),
-            Value::String(self.transformer.pseudonym_system.clone()),
-        );
-        output.insert("value".into(), Value::String(token));
-        Some(output)
+        let system = field(map, "system").and_then(Value::as_str).unwrap_or("");
+        let pseudonym = (!is_organisation_system(system)).then(|| {
+            let mut token = String::with_capacity(PSEUDONYM_CHARS);
+            if system == NHS_NUMBER {
+                self.transformer.push_token(
+                    "nhs-number",
+                    &[&normalise_nhs_number(value)],
+                    &mut token,
+                );
+            } else {
+                self.transformer
+                    .push_token("identifier", &[system, "|", value.trim()], &mut token);
+            }
+            token
+        });
+        map.retain(|key, _| key == "system" || key == "value");
+        let in_order = map.len() == 2 && map.keys().next().is_some_and(|key| key == "system");
+        if !in_order {
+            // `value` before `system` (kept order), or no `system`: rebuilt in released order.
+            let system = field_mut(map, "system").map(std::mem::take);
+            let value = field_mut(map, "value").map(std::mem::take);
+            map.clear();
+            map.insert("system".into(), system.unwrap_or_default());
+            map.insert("value".into(), value.unwrap_or_default());
+        }
+        if let Some(token) = pseudonym {
+            if let Some(slot) = field_mut(map, "system") {
+                *slot = Value::String(self.transformer.pseudonym_system.clone());
+            }
+            if let Some(slot) = field_mut(map, "value") {
+                *slot = Value::String(token);
+            }
+        }
+        true
     }
 
-    fn generalise(&mut self, key: &str, value: &Value) -> Option<Value> {
+    fn generalise(&mut self, key: &str, value: &mut Value) -> bool {
         let generalise = self.transformer.definition.generalise;
         match value {
             Value::String(text) => match key {
-                "birthDate" => birth_year(text).map(Value::String),
-                "postalCode" => generalise_postcode(text, generalise.postcode).map(Value::String),
+                "birthDate" => truncate_date(text, 4),
+                "postalCode" => match generalise_postcode(text, generalise.postcode) {
+                    Some(area) => {
+                        *text = area;
+                        true
+                    }
+                    None => false,
+                },
                 _ => match generalise.dates {
-                    DateRule::Month => date_to_month(text).map(Value::String),
+                    DateRule::Month => truncate_date(text, 7),
                     DateRule::Shift => {
                         let days = match self.shift {
                             Some(days) => days,
@@ -515,36 +648,46 @@ impl Walk<'_, '_> {
                                 days
                             }
                         };
-                        shift_date(text, days).map(Value::String)
+                        shift_date_in_place(text, days)
                     }
                 },
             },
             Value::Object(map) => {
-                let mut output = Map::new();
-                for (k, v) in map {
-                    if let Some(v) = self.generalise(k, v) {
-                        output.insert(k.clone(), v);
-                    }
-                }
-                (!output.is_empty()).then_some(Value::Object(output))
+                map.retain(|k, v| self.generalise(k, v));
+                !map.is_empty()
             }
-            Value::Array(items) => non_empty_array(
-                items
-                    .iter()
-                    .filter_map(|v| self.generalise(key, v))
-                    .collect(),
-            ),
-            _ => None,
+            Value::Array(items) => {
+                items.retain_mut(|v| self.generalise(key, v));
+                !items.is_empty()
+            }
+            _ => false,
         }
     }
 }
 
-fn looks_like_patient_identifier(map: &Map<String, Value>) -> bool {
-    map.get("system").and_then(Value::as_str) == Some(NHS_NUMBER)
+/// Objects with more keys than this are searched through the map's own index.
+const SCANNED_KEYS: usize = 16;
+
+/// `map.get(key)`. FHIR objects hold a handful of keys; when serde_json keeps order (its
+/// `preserve_order` feature, which cedar-policy-core enables in the gateway's build) every `get`
+/// hashes the key with SipHash, which costs more than comparing a few short strings.
+fn field<'m>(map: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
+    if map.len() > SCANNED_KEYS {
+        return map.get(key);
+    }
+    map.iter().find_map(|(k, v)| (k == key).then_some(v))
 }
 
-fn non_empty_array(items: Vec<Value>) -> Option<Value> {
-    (!items.is_empty()).then_some(Value::Array(items))
+/// `map.get_mut(key)`, as [`field`].
+fn field_mut<'m>(map: &'m mut Map<String, Value>, key: &str) -> Option<&'m mut Value> {
+    if map.len() > SCANNED_KEYS {
+        return map.get_mut(key);
+    }
+    map.iter_mut().find_map(|(k, v)| (k == key).then_some(v))
+}
+
+fn looks_like_patient_identifier(map: &Map<String, Value>) -> bool {
+    field(map, "system").and_then(Value::as_str) == Some(NHS_NUMBER)
 }
 
 /// `(year, month, day, rest)` of a FHIR date/dateTime with day precision.
@@ -570,34 +713,63 @@ fn date_prefix_ok(text: &str) -> bool {
 
 /// `2024-03-15T10:00:00Z` → `2024-03`; a year stays a year; not a date → `None` (dropped).
 pub fn date_to_month(text: &str) -> Option<String> {
-    if !date_prefix_ok(text) {
-        return None;
-    }
-    Some(text.get(..7.min(text.len()))?.to_owned())
+    let mut month = text.to_owned();
+    truncate_date(&mut month, 7).then_some(month)
 }
 
 /// The year of a birth date (DOMAIN.md `GEN`).
 pub fn birth_year(text: &str) -> Option<String> {
-    date_prefix_ok(text)
-        .then(|| text.get(..4).map(str::to_owned))
-        .flatten()
+    let mut year = text.to_owned();
+    truncate_date(&mut year, 4).then_some(year)
+}
+
+/// Cut a FHIR date to its first `len` characters (4: the year, 7: the month), in place; a date
+/// already coarser stays as it is. `false` if `text` is not a date (it is then dropped).
+fn truncate_date(text: &mut String, len: usize) -> bool {
+    if !date_prefix_ok(text) {
+        return false;
+    }
+    // The first 7 bytes (or all 4) are ASCII digits and '-', so `len` is a char boundary.
+    text.truncate(len);
+    true
 }
 
 /// Shift a date or dateTime by `days`, keeping its precision and time of day. Dates coarser
 /// than a day are dropped: an unshifted month beside shifted days would reveal the offset.
 pub fn shift_date(text: &str, days: i64) -> Option<String> {
-    let (year, month, day, rest) = split_full_date(text)?;
+    let mut shifted = text.to_owned();
+    shift_date_in_place(&mut shifted, days).then_some(shifted)
+}
+
+/// [`shift_date`] in place: the shifted `YYYY-MM-DD` is always 10 characters, like the
+/// 10 bytes it replaces, so the time of day after it stays where it is.
+fn shift_date_in_place(text: &mut String, days: i64) -> bool {
+    let Some(shifted) = shifted_day(text, days) else {
+        return false;
+    };
+    let mut day = [0u8; 10];
+    let digits = |out: &mut [u8], mut value: u32| {
+        for slot in out.iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    digits(&mut day[0..4], shifted.year().unsigned_abs());
+    day[4] = b'-';
+    digits(&mut day[5..7], u32::from(u8::from(shifted.month())));
+    day[7] = b'-';
+    digits(&mut day[8..10], u32::from(shifted.day()));
+    // `split_full_date` checked that byte 10 is a char boundary; `day` is ASCII.
+    text.replace_range(..10, std::str::from_utf8(&day).unwrap_or_default());
+    true
+}
+
+/// The day of a day-precision date shifted by `days`, within years 1–9999.
+fn shifted_day(text: &str, days: i64) -> Option<Date> {
+    let (year, month, day, _) = split_full_date(text)?;
     let date = Date::from_calendar_date(year, Month::try_from(month).ok()?, day).ok()?;
     let shifted = date.checked_add(time::Duration::days(days))?;
-    if !(1..=9999).contains(&shifted.year()) {
-        return None;
-    }
-    Some(format!(
-        "{:04}-{:02}-{:02}{rest}",
-        shifted.year(),
-        u8::from(shifted.month()),
-        shifted.day()
-    ))
+    (1..=9999).contains(&shifted.year()).then_some(shifted)
 }
 
 /// The 5-year age band at `as_of` of someone born on `birth_date` (`90+` top-coded); with only

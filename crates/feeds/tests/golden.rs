@@ -2,11 +2,18 @@
 //! this month's export to last month's by them), nor generalised dates, age bands, postcodes or
 //! what is redacted. Fixed inputs, fixed keys, fixed `as_of`; every shipped definition plus the
 //! variants an operator can choose (`dates = "shift"`, `postcode = "sector"`), compared byte for
-//! byte with `tests/golden/transform.txt`.
+//! byte with the files in `tests/golden/`.
 //!
-//! A deliberate change of output is a new key version or a new feed, never an edit of this file.
-//! To write the file after adding inputs: `CAREGATE_BLESS=1 cargo nextest run -p caregate-feeds
-//! --test golden`, and review the diff: existing lines must not change.
+//! Key order is part of those bytes, and it depends on the build: serde_json keeps insertion
+//! order when any crate in the build enables its `preserve_order` feature (cedar-policy-core
+//! does, so the gateway's exports are written that way) and sorts keys otherwise (this crate
+//! tested alone). Each has its own pinned file; run both:
+//! `cargo nextest run -p caregate-feeds --test golden` and the same with
+//! `--features serde_json/preserve_order`.
+//!
+//! A deliberate change of output is a new key version or a new feed, never an edit of these
+//! files. To write them after adding inputs, run both with `CAREGATE_BLESS=1` and review the
+//! diff: existing lines must not change.
 
 #![allow(
     clippy::unwrap_used,
@@ -16,7 +23,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use caregate_feeds::transform::{RecordContext, Transformer};
+use caregate_feeds::transform::{RecordContext, Transformed, Transformer};
 use caregate_feeds::{FeedDefinition, FeedKey};
 use serde_json::{Value, json};
 use time::macros::date;
@@ -44,6 +51,19 @@ fn definitions() -> Vec<(&'static str, FeedDefinition)> {
         (
             "population-health+shift+sector",
             FeedDefinition::parse(&path, &shift_sector).unwrap(),
+        ),
+        (
+            // A choice pattern that matches `resourceType` itself: the walk sees it like any
+            // other element, and it is still released as it was.
+            "population-health+resource[x]",
+            FeedDefinition::parse(
+                &path,
+                &text.replace(
+                    "[resources.Observation]\n",
+                    "[resources.Observation]\n\"resource[x]\" = \"pseudonym\"\n",
+                ),
+            )
+            .unwrap(),
         ),
         (
             "risk-stratification",
@@ -149,7 +169,8 @@ fn inputs() -> Vec<(&'static str, Option<&'static str>, Value)> {
             json!({
                 "resourceType": "Encounter", "id": "enc-9", "status": "finished",
                 "text": { "status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">A&amp;E</div>" },
-                "identifier": [{ "system": "https://trust.example/Id/visit", "value": "V1" }, { "value": "no-system" }, { "system": "x" }],
+                "identifier": [{ "system": "https://trust.example/Id/visit", "value": "V1" }, { "value": "no-system" }, { "system": "x" },
+                               { "use": "usual", "value": " V2 ", "system": "https://trust.example/Id/visit", "period": { "start": "2025-01-01" } }],
                 "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER" },
                 "type": [{ "coding": [{ "code": "50849002" }], "text": "seen by Dr X" }, { "text": "only text" }],
                 "priority": { "coding": [{ "code": "UR" }] },
@@ -215,7 +236,7 @@ fn inputs() -> Vec<(&'static str, Option<&'static str>, Value)> {
                 "medicationCodeableConcept": { "coding": [{ "code": "1" }] },
                 "subject": { "identifier": { "system": "https://other.example/Id/patient", "value": "P9" } },
                 "authorizingPrescription": [{ "reference": "MedicationRequest/mr-1" }, { "identifier": { "system": "https://gp.example/Id/rx", "value": "RX1" } }, { "reference": "http://other.example/fhir/MedicationRequest/9" }],
-                "performer": [{ "actor": { "reference": "Practitioner/ph1" } }, { "actor": { "identifier": { "system": ODS, "value": "FVR79" } } }, { "function": { "text": "x" } }],
+                "performer": [{ "actor": { "reference": "Practitioner/ph1" } }, { "actor": { "identifier": { "system": ODS, "value": "FVR79" } } }, { "actor": { "identifier": { "value": "RA4", "use": "official", "system": ODS } } }, { "function": { "text": "x" } }],
                 "quantity": { "value": 28 }, "daysSupply": { "value": 28 },
                 "whenPrepared": "2025-03-01T12:00:00Z", "whenHandedOver": "not a date"
             }),
@@ -294,30 +315,49 @@ fn render() -> String {
                 nhs_number,
                 as_of: date!(2025 - 06 - 01),
             };
-            let line = match transformer.apply(&resource, &context) {
-                None => "none".to_owned(),
-                Some(t) => {
-                    let qi = t
-                        .quasi_identifiers
-                        .map(|q| format!("{}|{}|{}", q.age, q.sex, q.area));
-                    format!(
-                        "patient={:?} qi={:?} redactions={} {}",
-                        t.patient,
-                        qi,
-                        t.redactions,
-                        serde_json::to_string(&t.resource).unwrap()
-                    )
-                }
-            };
+            let line = render_one(transformer.apply(&resource, &context));
+            // The export's path (the transform consumes the resource) gives the same bytes.
+            assert_eq!(
+                render_one(transformer.apply_owned(resource, &context)),
+                line,
+                "{name} {input}: apply_owned differs from apply"
+            );
             writeln!(out, "{name} {input} {line}").unwrap();
         }
     }
     out
 }
 
+fn render_one(transformed: Option<Transformed>) -> String {
+    match transformed {
+        None => "none".to_owned(),
+        Some(t) => {
+            let qi = t
+                .quasi_identifiers
+                .map(|q| format!("{}|{}|{}", q.age, q.sex, q.area));
+            format!(
+                "patient={:?} qi={:?} redactions={} {}",
+                t.patient,
+                qi,
+                t.redactions,
+                serde_json::to_string(&t.resource).unwrap()
+            )
+        }
+    }
+}
+
 #[test]
 fn transform_output_is_pinned() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/transform.txt");
+    let preserve_order = serde_json::from_str::<Value>(r#"{"b":0,"a":0}"#)
+        .unwrap()
+        .to_string()
+        .starts_with(r#"{"b""#);
+    let file = if preserve_order {
+        "tests/golden/transform.preserve_order.txt"
+    } else {
+        "tests/golden/transform.txt"
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let actual = render();
     if std::env::var_os("CAREGATE_BLESS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
