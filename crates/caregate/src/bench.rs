@@ -6,8 +6,13 @@
 //!    p50` is how many records each commit must carry on average.
 //! 2. **gateway**: start `caregate serve` (this same executable) on the example ICS in a temporary
 //!    data directory, or use `--url` (refused unless the host is `127.0.0.1`, `localhost` or
-//!    `::1`, and every address it resolves to is loopback); get an access token per partner
-//!    with the example config's demo keys (SMART Backend Services), then per record size:
+//!    `::1`, and every address it resolves to is loopback). `--url` may be repeated for the
+//!    instances of a cluster (`[store] backend = "postgres"`): connections are spread
+//!    round-robin across them, each instance gets its own access tokens (instances may have
+//!    different token signing keys and audiences) and is trusted with its own `--ca-cert` (a dev
+//!    certificate is generated per data directory) or one shared certificate. Get an access
+//!    token per partner (and instance) with the example config's demo keys (SMART Backend
+//!    Services), then per record size:
 //!    - warm-up, then a closed-loop steady-state window at maximum load: every connection (or
 //!      HTTP/2 stream) sends its next record as soon as the previous answer arrives;
 //!    - a paced (open-loop) window at 70 % of the measured maximum, where latency is measured
@@ -18,7 +23,12 @@
 //!      whole body and echoes it back with 201 — what the network stack, TLS and HTTP cost with
 //!      no FHIR work and no disk.
 //! 3. **report**: records/s, latency p50/p99/p99.9, statuses, CPU seconds used by the gateway
-//!    and by this process (from `/proc`), and the ratios gateway ÷ bare TLS and gateway ÷ fsync.
+//!    (the started one, or the `--gateway-pid`s), by a database server (`--db-pid`) and by this
+//!    process (from `/proc`), and the ratios gateway ÷ bare TLS and gateway ÷ fsync. With admin
+//!    listeners (the started gateway's, or `--admin-url`, one per instance) their `/metrics` are
+//!    read before and after each maximum-load window: mean time per stage (auth, validate,
+//!    decide, commit, …) and the store's submissions per commit and time per commit, per
+//!    instance.
 //!
 //! Records come from [`caregate_testkit::synth`] (the synthetic ICS day) padded to each size;
 //! each request rewrites the record's business identifier so that no two requests are the same
@@ -54,11 +64,24 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "deploy/example/caregate.toml")]
     config: PathBuf,
     /// Benchmark a gateway that is already running at this loopback URL instead of starting one.
+    /// Repeat it for several instances of one cluster: connections are spread round-robin.
     #[arg(long)]
-    url: Option<String>,
-    /// The PEM certificate to trust for --url (e.g. data/dev-certificate.pem).
+    url: Vec<String>,
+    /// The PEM certificate to trust for --url (e.g. data/dev-certificate.pem): one for every
+    /// URL, or one per --url in the same order (each instance's own dev certificate).
     #[arg(long)]
-    ca_cert: Option<PathBuf>,
+    ca_cert: Vec<PathBuf>,
+    /// Admin listener base URL (loopback) of each --url, in the same order, trusted with the
+    /// same certificate: its /metrics are read around each maximum-load window.
+    #[arg(long)]
+    admin_url: Vec<String>,
+    /// With --url: process ids whose CPU time is reported as the gateway's (repeatable).
+    #[arg(long)]
+    gateway_pid: Vec<u32>,
+    /// Process ids of the database server (e.g. PostgreSQL's processes) whose CPU time is
+    /// reported separately (repeatable).
+    #[arg(long)]
+    db_pid: Vec<u32>,
     /// Where to probe fsync with --url (default: the system temp directory).
     #[arg(long)]
     fsync_dir: Option<PathBuf>,
@@ -109,6 +132,8 @@ struct Window {
     latency_us: Histogram<u64>,
     statuses: BTreeMap<u16, u64>,
     connection_errors: u64,
+    /// 2xx answers per target (its index among the gateways).
+    by_target: BTreeMap<usize, u64>,
 }
 
 impl Window {
@@ -119,6 +144,7 @@ impl Window {
                 .context("histogram bounds")?,
             statuses: BTreeMap::new(),
             connection_errors: 0,
+            by_target: BTreeMap::new(),
         })
     }
 
@@ -130,6 +156,9 @@ impl Window {
             *self.statuses.entry(*status).or_default() += n;
         }
         self.connection_errors += other.connection_errors;
+        for (target, n) in &other.by_target {
+            *self.by_target.entry(*target).or_default() += n;
+        }
         Ok(())
     }
 
@@ -161,11 +190,15 @@ impl Window {
 /// Where and how to connect.
 #[derive(Clone)]
 struct Target {
+    /// Its index among the gateways (for the per-instance counts).
+    index: usize,
     addr: SocketAddr,
     server_name: ServerName<'static>,
     authority: String,
     tls: Arc<rustls::ClientConfig>,
     http2: bool,
+    /// Access tokens for [`PARTNERS`], in that order, issued by this target.
+    tokens: Arc<Vec<String>>,
 }
 
 /// One connection's request sender.
@@ -226,7 +259,6 @@ impl Target {
         record: &Prepared,
         serial: u64,
         run_tag: &str,
-        tokens: &[String],
     ) -> anyhow::Result<http::Request<Full<Bytes>>> {
         let id = format!("bench-{run_tag}-{serial:012}");
         let mut body = Vec::with_capacity(record.head.len() + id.len() + record.tail.len());
@@ -245,7 +277,7 @@ impl Target {
                 http::header::AUTHORIZATION,
                 format!(
                     "Bearer {}",
-                    tokens.get(record.partner).map_or("", String::as_str)
+                    self.tokens.get(record.partner).map_or("", String::as_str)
                 ),
             );
         if !self.http2 {
@@ -264,21 +296,19 @@ enum Pace {
     Rate(f64),
 }
 
-/// What every load window shares: the records, the partners' tokens, and the serial that makes
-/// each request a new record.
+/// What every load window shares: the records and the serial that makes each request a new
+/// record.
 struct Load {
     pool: Arc<Vec<Prepared>>,
-    tokens: Arc<Vec<String>>,
     run_tag: Arc<String>,
     serial: Arc<AtomicU64>,
 }
 
-/// Run one window over `senders` (one slot per connection × streams): `warmup` unrecorded,
-/// then `seconds` recorded.
+/// Run one window over `senders` (one slot per connection × streams, each with its target):
+/// `warmup` unrecorded, then `seconds` recorded.
 async fn drive(
     load: &Load,
-    target: &Target,
-    senders: &[Sender],
+    senders: &[(Target, Sender)],
     pace: Pace,
     warmup: Duration,
     seconds: Duration,
@@ -288,12 +318,11 @@ async fn drive(
     let end = measure_from + seconds;
     let slots = senders.len().max(1);
     let mut tasks = tokio::task::JoinSet::new();
-    for (slot, sender) in senders.iter().enumerate() {
-        let (target, sender, pool, tokens, run_tag, serial) = (
+    for (slot, (target, sender)) in senders.iter().enumerate() {
+        let (target, sender, pool, run_tag, serial) = (
             target.clone(),
             sender.clone(),
             load.pool.clone(),
-            load.tokens.clone(),
             load.run_tag.clone(),
             load.serial.clone(),
         );
@@ -324,7 +353,7 @@ async fn drive(
                 let Some(record) = pool.get(n as usize % pool.len().max(1)) else {
                     break;
                 };
-                let request = target.request(record, n, &run_tag, &tokens)?;
+                let request = target.request(record, n, &run_tag)?;
                 let result = sender.send(request).await;
                 let recorded = began >= measure_from;
                 match result {
@@ -333,6 +362,9 @@ async fn drive(
                             let micros = began.elapsed().as_micros().max(1) as u64;
                             window.latency_us.saturating_record(micros);
                             *window.statuses.entry(status).or_default() += 1;
+                            if (200..300).contains(&status) {
+                                *window.by_target.entry(target.index).or_default() += 1;
+                            }
                         }
                     }
                     Err(_) => {
@@ -362,6 +394,101 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds of each of `pids` now (`None` where it is gone).
+fn cpu_snapshot(pids: &[String]) -> Vec<Option<f64>> {
+    pids.iter().map(|pid| cpu_seconds(pid)).collect()
+}
+
+/// Cores used between two snapshots of the same pids over `elapsed` seconds, counting only the
+/// processes alive at both; `None` if there were none.
+fn cores_used(before: &[Option<f64>], after: &[Option<f64>], elapsed: f64) -> Option<f64> {
+    let used: Vec<f64> = before
+        .iter()
+        .zip(after)
+        .filter_map(|(b, a)| Some(a.as_ref()? - b.as_ref()?))
+        .collect();
+    (!used.is_empty()).then(|| used.iter().sum::<f64>() / elapsed.max(1e-9))
+}
+
+/// A gateway's admin listener, whose `/metrics` are read around each maximum-load window.
+struct Admin {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Admin {
+    /// The Prometheus text of `/metrics` as `series → value` (`None`, with a warning, if it
+    /// cannot be read: the benchmark goes on without it).
+    async fn scrape(&self) -> Option<BTreeMap<String, f64>> {
+        let url = format!("{}/metrics", self.url);
+        let text = match self.client.get(&url).send().await {
+            Ok(response) if response.status().is_success() => response.text().await.ok()?,
+            Ok(response) => {
+                eprintln!("warning: {url} answered {}", response.status());
+                return None;
+            }
+            Err(error) => {
+                eprintln!("warning: cannot read {url}: {error}");
+                return None;
+            }
+        };
+        Some(parse_metrics(&text))
+    }
+}
+
+/// Prometheus text format: `series value` per line, comments skipped.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.trim().rsplit_once(' ')?;
+            Some((series.trim().to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What one instance's `/metrics` moved by during a window: mean time per stage and the store's
+/// batching, as one line.
+fn metrics_summary(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
+    let delta = |series: &str| {
+        after
+            .get(series)
+            .map(|a| a - before.get(series).unwrap_or(&0.0))
+    };
+    let mut stages = Vec::new();
+    for series in after.keys() {
+        let Some(stage) = series
+            .strip_prefix("caregate_stage_duration_seconds_count{stage=\"")
+            .and_then(|rest| rest.strip_suffix("\"}"))
+        else {
+            continue;
+        };
+        let count = delta(series).unwrap_or(0.0);
+        let sum = delta(&format!(
+            "caregate_stage_duration_seconds_sum{{stage=\"{stage}\"}}"
+        ))
+        .unwrap_or(0.0);
+        if count > 0.0 {
+            stages.push(format!("{stage} {:.3}", sum / count * 1000.0));
+        }
+    }
+    let submissions = delta("caregate_store_submissions_total").unwrap_or(0.0);
+    let commits = delta("caregate_store_commits_total").unwrap_or(0.0);
+    let commit_seconds = delta("caregate_store_commit_seconds_total")
+        .or_else(|| delta("caregate_store_commit_seconds"))
+        .unwrap_or(0.0);
+    format!(
+        "stages (mean ms): {}; store: {submissions:.0} submissions in {commits:.0} commits ({:.1} per commit, {:.2} ms per commit)",
+        if stages.is_empty() {
+            "none recorded".to_owned()
+        } else {
+            stages.join(", ")
+        },
+        submissions / commits.max(1.0),
+        commit_seconds / commits.max(1.0) * 1000.0,
+    )
 }
 
 /// Resident memory of a process in MiB, from `/proc/<pid>/status`.
@@ -397,6 +524,38 @@ fn fsync_probe(dir: &Path, samples: usize) -> anyhow::Result<Histogram<u64>> {
     drop(file);
     let _ = std::fs::remove_file(&path);
     Ok(histogram)
+}
+
+/// `--url`, `--ca-cert`, `--admin-url` and `--gateway-pid` fit together: loopback URLs only,
+/// one certificate for all URLs or one each, one admin URL per URL.
+fn check_urls(args: &BenchArgs) -> anyhow::Result<()> {
+    for url in args.url.iter().chain(&args.admin_url) {
+        loopback_url(url)?;
+    }
+    if args.url.is_empty() {
+        if !args.ca_cert.is_empty() || !args.admin_url.is_empty() || !args.gateway_pid.is_empty() {
+            bail!("--ca-cert, --admin-url and --gateway-pid are for --url");
+        }
+        return Ok(());
+    }
+    if args.ca_cert.is_empty() {
+        bail!("--url needs --ca-cert (the gateway's certificate, PEM)");
+    }
+    if args.ca_cert.len() != 1 && args.ca_cert.len() != args.url.len() {
+        bail!(
+            "give one --ca-cert for all {} --url, or one per --url (got {})",
+            args.url.len(),
+            args.ca_cert.len()
+        );
+    }
+    if !args.admin_url.is_empty() && args.admin_url.len() != args.url.len() {
+        bail!(
+            "give one --admin-url per --url, in the same order (got {} for {})",
+            args.admin_url.len(),
+            args.url.len()
+        );
+    }
+    Ok(())
 }
 
 /// `host` is a loopback name or address; anything else is refused (this tool generates load).
@@ -458,6 +617,8 @@ fn client_tls(ca_pem: &[u8], http2: bool) -> anyhow::Result<Arc<rustls::ClientCo
 struct Started {
     process: GatewayProcess,
     dir: tempfile::TempDir,
+    /// Its admin listener's base URL.
+    admin_url: String,
 }
 
 impl Started {
@@ -484,14 +645,23 @@ fn start_gateway(config: &Path) -> anyhow::Result<Started> {
         "data_dir".into(),
         dir.path().join("data").display().to_string().into(),
     );
-    // The admin listener (on by default) gets a free port too, beside any running gateway.
+    // The admin listener (on by default) gets a free port too, beside any running gateway; a
+    // fixed one, picked here, so that its /metrics can be read.
+    let admin_port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .context("no free loopback port")?
+        .port();
     loaded
         .table_mut("admin")?
-        .insert("listen".into(), "127.0.0.1:0".into());
+        .insert("listen".into(), format!("127.0.0.1:{admin_port}").into());
     let copy = dir.path().join("caregate.toml");
     loaded.write(&copy)?;
     let process = GatewayProcess::spawn(&copy, "warn", None)?;
-    Ok(Started { process, dir })
+    Ok(Started {
+        process,
+        dir,
+        admin_url: format!("https://localhost:{admin_port}"),
+    })
 }
 
 /// Access tokens for [`PARTNERS`], in that order, signed with the demo keys beside the config.
@@ -571,12 +741,21 @@ async fn bare_tls_server() -> anyhow::Result<(SocketAddr, Vec<u8>)> {
     Ok((addr, dev.cert_pem.into_bytes()))
 }
 
-async fn open(target: &Target, connections: usize, streams: usize) -> anyhow::Result<Vec<Sender>> {
+/// `connections` connections, spread round-robin over `targets`, each with its slots (one, or
+/// `streams` with HTTP/2).
+async fn open(
+    targets: &[Target],
+    connections: usize,
+    streams: usize,
+) -> anyhow::Result<Vec<(Target, Sender)>> {
     let mut senders = Vec::new();
-    for _ in 0..connections.max(1) {
+    for target in targets.iter().cycle().take(connections.max(1)) {
         let sender = target.connect().await?;
         let per_connection = if target.http2 { streams.max(1) } else { 1 };
-        senders.extend(std::iter::repeat_n(sender, per_connection));
+        senders.extend(std::iter::repeat_n(
+            (target.clone(), sender),
+            per_connection,
+        ));
     }
     Ok(senders)
 }
@@ -587,12 +766,7 @@ fn fmt_rate(rate: f64) -> String {
 
 /// Run the benchmark; see the module docs.
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    if let Some(url) = &args.url {
-        loopback_url(url)?;
-        if args.ca_cert.is_none() {
-            bail!("--url needs --ca-cert (the gateway's certificate, PEM)");
-        }
-    }
+    check_urls(&args)?;
     if args.sizes.is_empty() || args.connections == 0 || args.duration == 0 {
         bail!("--sizes, --connections and --duration must not be empty or zero");
     }
@@ -624,9 +798,10 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
 
     // The gateway: started here, or given.
-    let started = match &args.url {
-        None => Some(tokio::task::block_in_place(|| start_gateway(&args.config))?),
-        Some(_) => None,
+    let started = if args.url.is_empty() {
+        Some(tokio::task::block_in_place(|| start_gateway(&args.config))?)
+    } else {
+        None
     };
     let outcome = measure(&args, started.as_ref(), http2).await;
     if let Some(started) = started {
@@ -644,33 +819,80 @@ async fn measure(
     started: Option<&Started>,
     http2: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (base_url, ca_pem, fsync_dir) = match (started, &args.url, &args.ca_cert) {
-        (Some(started), _, _) => (
-            started.process.base_url.clone(),
-            started.process.cert_pem.clone(),
-            started.dir.path().join("data"),
-        ),
-        (None, Some(url), Some(ca)) => (
-            url.trim_end_matches('/').to_owned(),
-            std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?,
-            args.fsync_dir.clone().unwrap_or_else(std::env::temp_dir),
-        ),
-        _ => bail!("--url needs --ca-cert"),
+    // (base URL, certificate PEM, admin URL) per gateway.
+    let mut gateways: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
+    let fsync_dir = match started {
+        Some(started) => {
+            gateways.push((
+                started.process.base_url.clone(),
+                started.process.cert_pem.clone(),
+                Some(started.admin_url.clone()),
+            ));
+            started.dir.path().join("data")
+        }
+        None => {
+            for (i, url) in args.url.iter().enumerate() {
+                let ca = args
+                    .ca_cert
+                    .get(i)
+                    .or(args.ca_cert.first())
+                    .context("--url needs --ca-cert")?;
+                gateways.push((
+                    url.trim_end_matches('/').to_owned(),
+                    std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?,
+                    args.admin_url
+                        .get(i)
+                        .map(|a| a.trim_end_matches('/').to_owned()),
+                ));
+            }
+            args.fsync_dir.clone().unwrap_or_else(std::env::temp_dir)
+        }
     };
-    let (host, port) = loopback_url(&base_url)?;
-    // The started gateway listens on 127.0.0.1 whatever its public URL says.
-    let addr = match started {
-        Some(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-        None => resolve_loopback(&host, port).await?,
-    };
-    println!(
-        "  gateway: {base_url}{}",
-        started.map_or(String::new(), |s| format!(
-            " (started here, pid {}, config {})",
-            s.pid(),
-            args.config.display()
-        ))
-    );
+    let mut targets = Vec::new();
+    let mut admins = Vec::new();
+    for (index, (base_url, ca_pem, admin_url)) in gateways.iter().enumerate() {
+        let (host, port) = loopback_url(base_url)?;
+        // The started gateway listens on 127.0.0.1 whatever its public URL says.
+        let addr = match started {
+            Some(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            None => resolve_loopback(&host, port).await?,
+        };
+        println!(
+            "  gateway {}: {base_url}{}{}",
+            index + 1,
+            admin_url
+                .as_ref()
+                .map_or(String::new(), |a| format!(" (admin {a})")),
+            started.map_or(String::new(), |s| format!(
+                " (started here, pid {}, config {})",
+                s.pid(),
+                args.config.display()
+            ))
+        );
+        // Each instance issues its own tokens: instances need not share a signing key.
+        let tokens = Arc::new(tokens(&args.config, base_url, ca_pem).await?);
+        targets.push(Target {
+            index,
+            addr,
+            server_name: ServerName::try_from(host.clone())?.to_owned(),
+            authority: format!("{host}:{port}"),
+            tls: client_tls(ca_pem, http2)?,
+            http2,
+            tokens,
+        });
+        admins.push(admin_url.as_ref().map(|url| -> anyhow::Result<Admin> {
+            Ok(Admin {
+                url: url.clone(),
+                client: reqwest::Client::builder()
+                    .tls_certs_only([reqwest::Certificate::from_pem(ca_pem)?])
+                    .build()?,
+            })
+        }));
+    }
+    let admins = admins
+        .into_iter()
+        .map(Option::transpose)
+        .collect::<anyhow::Result<Vec<Option<Admin>>>>()?;
 
     // 1. The disk.
     let samples = args.fsync_samples;
@@ -686,21 +908,18 @@ async fn measure(
     );
 
     // 2. The bare TLS endpoint and the gateway.
-    let tokens = Arc::new(tokens(&args.config, &base_url, &ca_pem).await?);
-    let target = Target {
-        addr,
-        server_name: ServerName::try_from(host.clone())?.to_owned(),
-        authority: format!("{host}:{port}"),
-        tls: client_tls(&ca_pem, http2)?,
-        http2,
-    };
     let (bare_addr, bare_pem) = bare_tls_server().await?;
     let bare = Target {
+        index: 0,
         addr: bare_addr,
         server_name: ServerName::try_from("localhost")?.to_owned(),
         authority: format!("localhost:{}", bare_addr.port()),
         tls: client_tls(&bare_pem, http2)?,
         http2,
+        tokens: targets
+            .first()
+            .map(|t| t.tokens.clone())
+            .context("no gateway")?,
     };
     let run_tag = Arc::new(format!(
         "{:x}",
@@ -709,7 +928,11 @@ async fn measure(
             .map_or(0, |d| d.as_nanos())
     ));
     let serial = Arc::new(AtomicU64::new(0));
-    let gateway_pid = started.map(Started::pid);
+    let gateway_pids: Vec<String> = match started {
+        Some(started) => vec![started.pid()],
+        None => args.gateway_pid.iter().map(u32::to_string).collect(),
+    };
+    let db_pids: Vec<String> = args.db_pid.iter().map(u32::to_string).collect();
     let warmup = Duration::from_secs(args.warmup);
     let full = Duration::from_secs(args.duration);
     let paced = Duration::from_secs((args.duration / 2).max(1));
@@ -730,29 +953,63 @@ async fn measure(
             / pool.len();
         let load = Load {
             pool,
-            tokens: tokens.clone(),
             run_tag: run_tag.clone(),
             serial: serial.clone(),
         };
-        let senders = open(&target, args.connections, args.streams).await?;
+        let senders = open(&targets, args.connections, args.streams).await?;
+        // The warm-up on its own, so that CPU time and /metrics cover the measured window only.
+        drive(&load, &senders, Pace::ClosedLoop, warmup, Duration::ZERO).await?;
+        let self_pid = ["self".to_owned()];
         let cpu_before = (
-            gateway_pid.as_deref().and_then(cpu_seconds),
-            cpu_seconds("self"),
+            cpu_snapshot(&gateway_pids),
+            cpu_snapshot(&self_pid),
+            cpu_snapshot(&db_pids),
             Instant::now(),
         );
-        let max = drive(&load, &target, &senders, Pace::ClosedLoop, warmup, full).await?;
-        let elapsed = cpu_before.2.elapsed().as_secs_f64();
-        let gateway_cpu = match (gateway_pid.as_deref().and_then(cpu_seconds), cpu_before.0) {
-            (Some(after), Some(before)) => Some((after - before) / elapsed),
-            _ => None,
-        };
-        let bench_cpu = match (cpu_seconds("self"), cpu_before.1) {
-            (Some(after), Some(before)) => Some((after - before) / elapsed),
-            _ => None,
-        };
+        let mut metrics_before = Vec::new();
+        for admin in &admins {
+            metrics_before.push(match admin {
+                Some(admin) => admin.scrape().await,
+                None => None,
+            });
+        }
+        let max = drive(&load, &senders, Pace::ClosedLoop, Duration::ZERO, full).await?;
+        let elapsed = cpu_before.3.elapsed().as_secs_f64();
+        let gateway_cpu = cores_used(&cpu_before.0, &cpu_snapshot(&gateway_pids), elapsed);
+        let bench_cpu = cores_used(&cpu_before.1, &cpu_snapshot(&self_pid), elapsed);
+        let db_cpu = cores_used(&cpu_before.2, &cpu_snapshot(&db_pids), elapsed);
+        let label = format!("{} KB", size / 1024);
+        for (i, (admin, before)) in admins.iter().zip(&metrics_before).enumerate() {
+            let (Some(admin), Some(before)) = (admin, before) else {
+                continue;
+            };
+            if let Some(after) = admin.scrape().await {
+                notes.push(format!(
+                    "{label}, gateway {} ({}), maximum-load window: {}",
+                    i + 1,
+                    admin.url,
+                    metrics_summary(before, &after)
+                ));
+            }
+        }
+        if targets.len() > 1 {
+            let shares: Vec<String> = targets
+                .iter()
+                .map(|t| {
+                    format!(
+                        "gateway {} {:.0}/s",
+                        t.index + 1,
+                        *max.by_target.get(&t.index).unwrap_or(&0) as f64 / max.seconds
+                    )
+                })
+                .collect();
+            notes.push(format!(
+                "{label}: per instance at maximum load: {}",
+                shares.join(", ")
+            ));
+        }
         let at_70 = drive(
             &load,
-            &target,
             &senders,
             Pace::Rate(max.rate() * 0.7),
             Duration::from_secs(1),
@@ -760,10 +1017,10 @@ async fn measure(
         )
         .await?;
         drop(senders);
-        let bare_senders = open(&bare, args.connections, args.streams).await?;
+        let bare_senders =
+            open(std::slice::from_ref(&bare), args.connections, args.streams).await?;
         let bare_max = drive(
             &load,
-            &bare,
             &bare_senders,
             Pace::ClosedLoop,
             Duration::from_secs(1),
@@ -776,11 +1033,11 @@ async fn measure(
                 failed = true;
             }
         }
-        let label = format!("{} KB", size / 1024);
         notes.push(format!(
-            "{label}: mean body {mean_bytes} B; gateway CPU {} cores, bench process {} cores during the maximum-load window; \
+            "{label}: mean body {mean_bytes} B; gateway CPU {} cores{}, bench process {} cores during the maximum-load window; \
              gateway/bare TLS throughput {:.2}; records per fsync at maximum load ≈ {:.1}; gateway p50 / fsync p50 = {:.1}",
             gateway_cpu.map_or("n/a".into(), |c| format!("{c:.2}")),
+            db_cpu.map_or(String::new(), |c| format!(", database {c:.2} cores")),
             bench_cpu.map_or("n/a".into(), |c| format!("{c:.2}")),
             max.rate() / bare_max.rate().max(1e-9),
             max.rate() * fsync_p50 / 1000.0,
@@ -818,8 +1075,10 @@ async fn measure(
     for note in &notes {
         println!("{note}");
     }
-    if let Some(rss) = gateway_pid.as_deref().and_then(resident_mib) {
-        println!("gateway resident memory at the end: {rss:.0} MiB");
+    for pid in &gateway_pids {
+        if let Some(rss) = resident_mib(pid) {
+            println!("gateway (pid {pid}) resident memory at the end: {rss:.0} MiB");
+        }
     }
     println!(
         "targets (issue 7, reported, not asserted): >= 10,000 records/s at 2 KB, >= 3,000 at 8 KB; p99 <= 5 ms at 70 % of maximum"
@@ -853,6 +1112,83 @@ mod tests {
         ] {
             assert!(loopback_url(url).is_ok(), "{url} refused");
         }
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let mut argv = vec!["bench"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("arguments parse").bench
+    }
+
+    #[test]
+    fn bench_takes_several_urls_with_one_or_one_each_certificates() {
+        let two = [
+            "--url",
+            "https://127.0.0.1:1",
+            "--url",
+            "https://localhost:2",
+        ];
+        let ok = |extra: &[&str]| check_urls(&args(&[&two[..], extra].concat()));
+        assert!(ok(&["--ca-cert", "a.pem"]).is_ok());
+        assert!(ok(&["--ca-cert", "a.pem", "--ca-cert", "b.pem"]).is_ok());
+        assert!(ok(&[]).is_err(), "no certificate");
+        assert!(
+            ok(&["--ca-cert", "a", "--ca-cert", "b", "--ca-cert", "c"]).is_err(),
+            "three certificates for two URLs"
+        );
+        assert!(
+            ok(&["--ca-cert", "a", "--admin-url", "https://127.0.0.1:3"]).is_err(),
+            "one admin URL for two URLs"
+        );
+        assert!(
+            ok(&[
+                "--ca-cert",
+                "a",
+                "--admin-url",
+                "https://127.0.0.1:3",
+                "--admin-url",
+                "https://127.0.0.1:4"
+            ])
+            .is_ok()
+        );
+        assert!(
+            ok(&["--url", "https://10.0.0.1:5", "--ca-cert", "a"]).is_err(),
+            "every URL must be loopback"
+        );
+        assert!(check_urls(&args(&["--ca-cert", "a.pem"])).is_err());
+        assert!(check_urls(&args(&[])).is_ok());
+    }
+
+    #[test]
+    fn bench_reads_stage_means_and_batching_from_metrics() {
+        let before = parse_metrics(
+            "# TYPE x counter\n\
+             caregate_stage_duration_seconds_sum{stage=\"commit\"} 1.0\n\
+             caregate_stage_duration_seconds_count{stage=\"commit\"} 100\n\
+             caregate_store_submissions_total 100\n\
+             caregate_store_commits_total 10\n\
+             caregate_store_commit_seconds_total 0.5\n",
+        );
+        let after = parse_metrics(
+            "caregate_stage_duration_seconds_sum{stage=\"commit\"} 3.0\n\
+             caregate_stage_duration_seconds_count{stage=\"commit\"} 300\n\
+             caregate_stage_duration_seconds_sum{stage=\"auth\"} 0.001\n\
+             caregate_stage_duration_seconds_count{stage=\"auth\"} 200\n\
+             caregate_store_submissions_total 300\n\
+             caregate_store_commits_total 30\n\
+             caregate_store_commit_seconds_total 1.5\n",
+        );
+        assert_eq!(
+            metrics_summary(&before, &after),
+            "stages (mean ms): auth 0.005, commit 10.000; store: 200 submissions in 20 commits \
+             (10.0 per commit, 50.00 ms per commit)"
+        );
     }
 
     #[test]
