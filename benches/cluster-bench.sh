@@ -77,6 +77,7 @@ fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/caregate-cluster-bench.XXXXXX")"
 PGROOT="$WORK/pg"
 GATEWAY_PIDS=()
+BENCH_PID=""
 PG_STARTED=0
 
 as_pg() {
@@ -91,6 +92,10 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
+    if [[ -n "$BENCH_PID" ]]; then
+        kill -TERM "$BENCH_PID" 2>/dev/null
+        wait "$BENCH_PID" 2>/dev/null
+    fi
     for pid in "${GATEWAY_PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null
     done
@@ -245,11 +250,13 @@ done
 # --- the benchmark -----------------------------------------------------------------------------
 echo "== $(nproc) CPU(s); load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== caregate bench ${URL_ARGS[*]} $*"
-set +e
+# In the background and waited for, so that a signal tears everything down at once.
 "$BIN" bench --config "$EXAMPLE" "${URL_ARGS[@]}" "${DB_PID_ARGS[@]}" \
-    --fsync-dir "$WORK" "$@"
-BENCH_STATUS=$?
-set -e
+    --fsync-dir "$WORK" "$@" &
+BENCH_PID=$!
+BENCH_STATUS=0
+wait "$BENCH_PID" || BENCH_STATUS=$?
+BENCH_PID=""
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== records in the shared log: $(cd "$PGROOT" && as_pg "${PSQL[@]}" -c "select count(*) from log" 2>/dev/null || echo '?')"
 exit "$BENCH_STATUS"
