@@ -36,8 +36,10 @@ fn observation(components: usize) -> Value {
 fn bench(c: &mut Criterion) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../policies/feeds/icb-qe1-population-health.toml");
-    let Ok(definition) = FeedDefinition::load(&path) else {
-        return;
+    // A definition that no longer loads must fail the bench loudly, not skip it.
+    let definition = match FeedDefinition::load(&path) {
+        Ok(definition) => definition,
+        Err(error) => panic!("the shipped feed definition does not load: {error}"),
     };
     let key = FeedKey::from_secret(&definition.id, 1, &[7; 32]);
     let transformer = Transformer::new(&definition, &key);
