@@ -2,8 +2,11 @@
 //! tree. See the module docs of [`super`].
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use caregate_audit::checkpoint::{Checkpoint, SignedCheckpoint};
@@ -123,6 +126,40 @@ impl Tx<'_, '_> {
         Ok(self.tx.query(&statement, params).await?)
     }
 
+    /// Run `steps` pipelined: every statement is sent before the first answer is awaited
+    /// (tokio-postgres writes queued requests in order, and the server runs them in that order),
+    /// so the whole list costs one round trip instead of one each. Statements are prepared
+    /// first (cached after the connection's first batch) so none can overtake another. Each
+    /// step's rows in order, or the first failure in order (after it, the transaction is
+    /// aborted and the later steps fail too; the caller rolls back its savepoint).
+    pub(super) async fn pipeline(&self, steps: &[Step<'_>]) -> Result<Vec<Vec<Row>>, Fault> {
+        let mut prepared = Vec::with_capacity(steps.len());
+        for step in steps {
+            prepared.push(self.statement(step.sql).await?);
+        }
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = steps
+            .iter()
+            .map(|step| {
+                step.params
+                    .iter()
+                    .map(|param| &**param as &(dyn ToSql + Sync))
+                    .collect()
+            })
+            .collect();
+        let mut pending: Vec<QueryFuture<'_>> = prepared
+            .iter()
+            .zip(&params)
+            .map(|(statement, params)| {
+                Box::pin(self.tx.query(statement, params.as_slice())) as QueryFuture<'_>
+            })
+            .collect();
+        let results = in_order(&mut pending).await;
+        results
+            .into_iter()
+            .map(|result| result.map_err(Fault::from))
+            .collect()
+    }
+
     pub(super) async fn query_opt(
         &self,
         sql: &str,
@@ -132,6 +169,45 @@ impl Tx<'_, '_> {
         Ok(self.tx.query_opt(&statement, params).await?)
     }
 }
+
+type QueryFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Drive `futures` to completion, polling them in index order, so the first poll of each (which
+/// queues its statement on the connection) happens in that order; every result, in order.
+async fn in_order(futures: &mut [QueryFuture<'_>]) -> Vec<Result<Vec<Row>, tokio_postgres::Error>> {
+    let mut results: Vec<Option<Result<Vec<Row>, tokio_postgres::Error>>> =
+        futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (future, result) in futures.iter_mut().zip(results.iter_mut()) {
+            if result.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *result = Some(value),
+                    Poll::Pending => done = false,
+                }
+            }
+        }
+        if done { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+/// One statement of a pipeline, with its parameters (owned or borrowed from the request).
+pub(super) struct Step<'a> {
+    sql: &'static str,
+    params: Vec<Box<dyn ToSql + Sync + Send + 'a>>,
+}
+
+impl<'a> Step<'a> {
+    pub(super) fn new(sql: &'static str, params: Vec<Box<dyn ToSql + Sync + Send + 'a>>) -> Self {
+        Self { sql, params }
+    }
+}
+
+const SAVEPOINT: &str = "SAVEPOINT request";
+const RELEASE: &str = "RELEASE SAVEPOINT request";
 
 /// The commit time of one batch: the database server's clock (one clock for every instance),
 /// read after the log lock was taken, so commit times follow `seq` order.
@@ -500,7 +576,7 @@ async fn apply_batch(
     instance_id: Arc<str>,
 ) -> Result<Vec<Result<Answer, StoreError>>, Fault> {
     let appends = works.iter().any(Work::appends);
-    let mut tx = client.transaction().await?;
+    let tx = client.transaction().await?;
     let mut appender = Appender {
         instance_id: Arc::clone(&instance_id),
         log_seq: 0,
@@ -508,21 +584,31 @@ async fn apply_batch(
         frontier: tree.frontier.clone(),
         locked: appends,
     };
+    let request = Tx {
+        tx: &tx,
+        statements,
+    };
     let clock = if appends {
-        // Held until COMMIT: sequence order is commit order across instances.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1, $2)",
-            &[&LOCK_CLASS, &LOG_LOCK],
-        )
-        .await?;
-        let row = tx
-            .query_one(
-                "SELECT clock_timestamp(), \
-                   (SELECT COALESCE(MAX(seq), 0) FROM log), \
-                   (SELECT COALESCE(MAX(seq), 0) FROM audit_events)",
-                &[],
-            )
+        // Held until COMMIT: sequence order is commit order across instances. The read is sent
+        // with the lock request (one round trip); the server runs it once the lock is held.
+        let mut rows = request
+            .pipeline(&[
+                Step::new(
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    vec![Box::new(LOCK_CLASS), Box::new(LOG_LOCK)],
+                ),
+                Step::new(
+                    "SELECT clock_timestamp(), \
+                       (SELECT COALESCE(MAX(seq), 0) FROM log), \
+                       (SELECT COALESCE(MAX(seq), 0) FROM audit_events)",
+                    Vec::new(),
+                ),
+            ])
             .await?;
+        let row = rows
+            .pop()
+            .and_then(|rows| rows.into_iter().next())
+            .ok_or_else(|| Fault::Internal("the sequence query returned no row".to_owned()))?;
         appender.log_seq = row.try_get(1)?;
         appender.audit_seq = row.try_get(2)?;
         BatchClock {
@@ -537,15 +623,30 @@ async fn apply_batch(
 
     let mut answers = Vec::with_capacity(works.len());
     for work in works {
-        let savepoint = tx.savepoint("request").await?;
         let mut attempt = appender.clone();
-        let request = Tx {
-            tx: &savepoint,
-            statements,
+        // A submission opens and releases its savepoint inside its own pipelines; other work
+        // does it here.
+        let applied = match work {
+            Work::Submit(submission) => {
+                apply_submission(&request, submission, &clock, &mut attempt)
+                    .await
+                    .map(Answer::Receipt)
+            }
+            other => {
+                request
+                    .pipeline(&[Step::new(SAVEPOINT, Vec::new())])
+                    .await?;
+                match apply_work(&request, other, &clock, &mut attempt).await {
+                    Ok(answer) => request
+                        .pipeline(&[Step::new(RELEASE, Vec::new())])
+                        .await
+                        .map(|_| answer),
+                    Err(fault) => Err(fault),
+                }
+            }
         };
-        match apply_work(&request, work, &clock, &mut attempt).await {
+        match applied {
             Ok(answer) => {
-                savepoint.commit().await?;
                 appender = attempt;
                 answers.push(Ok(answer));
             }
@@ -556,7 +657,11 @@ async fn apply_batch(
                 if matches!(fault, Fault::Postgres(_)) {
                     statements.clear();
                 }
-                savepoint.rollback().await?;
+                // The savepoint is open: every path that fails after opening it has not
+                // released it (the release is the last step of the last pipeline, and nothing
+                // fallible runs after that pipeline succeeded).
+                tx.batch_execute("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+                    .await?;
                 if !matches!(fault, Fault::Refused(_)) {
                     tracing::warn!(error = %fault, "store request rolled back");
                 }
@@ -629,6 +734,20 @@ pub(super) async fn save_cursor(tx: &Tx<'_, '_>, reader: &str, seq: Seq) -> Resu
     Ok(())
 }
 
+const SELECT_RECEIPT: &str = "SELECT receipt FROM idempotency_keys WHERE partner = $1 AND key = $2";
+
+const SELECT_CURRENT: &str = "SELECT c.version_id, c.seq, c.content_hash, l.committed_at \
+     FROM current_versions c JOIN log l ON l.seq = c.seq \
+     WHERE c.partner = $1 AND c.resource_type = $2 AND c.id = $3";
+
+const SELECT_IDENTIFIER: &str = "SELECT id FROM identifiers \
+     WHERE partner = $1 AND resource_type = $2 AND token = $3";
+
+/// A submission in a few round trips: its savepoint, its idempotency key and its first record's
+/// current state in one pipeline; each further record's reads sent behind the previous
+/// record's writes (the server runs them in order, so the reads see those writes); the last
+/// record's writes, the audit events, the receipt and the savepoint's release in the last one.
+/// All reads happen under the log lock, as before, so what they see is what commits before.
 async fn apply_submission(
     tx: &Tx<'_, '_>,
     submission: &Submission,
@@ -636,29 +755,44 @@ async fn apply_submission(
     appender: &mut Appender,
 ) -> Result<Receipt, Fault> {
     let partner = submission.partner.as_str();
+    let mut pending = vec![Step::new(SAVEPOINT, Vec::new())];
+    let mut reads = Vec::new();
     if let Some(key) = &submission.idempotency_key {
-        let stored = tx
-            .query_opt(
-                "SELECT receipt FROM idempotency_keys WHERE partner = $1 AND key = $2",
-                &[&partner, key],
-            )
-            .await?;
-        if let Some(row) = stored {
-            let json: String = row.try_get(0)?;
-            let mut receipt: Receipt = serde_json::from_str(&json).map_err(|_| {
-                Fault::Corrupt("a stored idempotency receipt is not valid".to_owned())
-            })?;
-            receipt.replayed = true;
-            // The retry is itself an access: audited even though nothing else is written.
-            insert_audit(tx, &submission.audit, appender).await?;
-            return Ok(receipt);
-        }
+        reads.push(Step::new(
+            SELECT_RECEIPT,
+            vec![Box::new(partner), Box::new(key.as_str())],
+        ));
+    }
+    let receipt_reads = reads.len();
+    if let Some(record) = submission.records.first() {
+        reads.extend(record_reads(partner, record));
+    }
+    let mut rows = flush(tx, &mut pending, reads).await?;
+    let mut first_record = Some(rows.split_off(receipt_reads));
+    if let Some(row) = rows
+        .into_iter()
+        .next()
+        .and_then(|rows| rows.into_iter().next())
+    {
+        let json: String = row.try_get(0)?;
+        let mut receipt: Receipt = serde_json::from_str(&json)
+            .map_err(|_| Fault::Corrupt("a stored idempotency receipt is not valid".to_owned()))?;
+        receipt.replayed = true;
+        // The retry is itself an access: audited even though nothing else is written.
+        audit_steps(&submission.audit, appender, &mut pending)?;
+        pending.push(Step::new(RELEASE, Vec::new()));
+        flush(tx, &mut pending, Vec::new()).await?;
+        return Ok(receipt);
     }
     let mut entries = Vec::with_capacity(submission.records.len());
     for record in &submission.records {
-        entries.push(apply_record(tx, partner, record, clock, appender).await?);
+        let rows = match first_record.take() {
+            Some(rows) => rows,
+            None => flush(tx, &mut pending, record_reads(partner, record)).await?,
+        };
+        entries.push(apply_record(tx, &mut pending, partner, record, rows, clock, appender).await?);
     }
-    insert_audit(tx, &submission.audit, appender).await?;
+    audit_steps(&submission.audit, appender, &mut pending)?;
     let receipt = Receipt {
         entries,
         replayed: false,
@@ -666,14 +800,58 @@ async fn apply_submission(
     if let Some(key) = &submission.idempotency_key {
         let json = serde_json::to_string(&receipt)
             .map_err(|error| Fault::Encode(format!("receipt: {error}")))?;
-        tx.execute(
+        pending.push(Step::new(
             "INSERT INTO idempotency_keys (partner, key, receipt, created_at) \
              VALUES ($1, $2, $3, $4)",
-            &[&partner, key, &json, &clock.at],
-        )
-        .await?;
+            vec![
+                Box::new(partner),
+                Box::new(key.as_str()),
+                Box::new(json),
+                Box::new(clock.at),
+            ],
+        ));
     }
+    pending.push(Step::new(RELEASE, Vec::new()));
+    flush(tx, &mut pending, Vec::new()).await?;
     Ok(receipt)
+}
+
+/// Send the queued writes `pending` and then `reads` in one pipeline; the rows of `reads`.
+async fn flush<'a>(
+    tx: &Tx<'_, '_>,
+    pending: &mut Vec<Step<'a>>,
+    reads: Vec<Step<'a>>,
+) -> Result<Vec<Vec<Row>>, Fault> {
+    let writes = pending.len();
+    pending.extend(reads);
+    let steps = std::mem::take(pending);
+    let mut rows = tx.pipeline(&steps).await?;
+    Ok(rows.split_off(writes))
+}
+
+/// What [`apply_record`] reads: the record's current version and, for a conditional create,
+/// the resource its identifier names.
+fn record_reads<'a>(partner: &'a str, record: &'a RecordWrite) -> Vec<Step<'a>> {
+    let resource_type = record.resource_type.as_str();
+    let mut reads = vec![Step::new(
+        SELECT_CURRENT,
+        vec![
+            Box::new(partner),
+            Box::new(resource_type),
+            Box::new(record.id.as_str()),
+        ],
+    )];
+    if let WriteMode::CreateIfNoneExist { identifier } = &record.mode {
+        reads.push(Step::new(
+            SELECT_IDENTIFIER,
+            vec![
+                Box::new(partner),
+                Box::new(resource_type),
+                Box::new(identifier.as_str()),
+            ],
+        ));
+    }
+    reads
 }
 
 /// The current version of a resource, as the writer needs it.
@@ -685,6 +863,20 @@ struct Current {
 }
 
 impl Current {
+    fn from_rows(rows: Option<Vec<Row>>) -> Result<Option<Self>, Fault> {
+        rows.and_then(|rows| rows.into_iter().next())
+            .map(|row| {
+                let hash: Vec<u8> = row.try_get(2)?;
+                Ok(Self {
+                    version_id: row.try_get(0)?,
+                    seq: row.try_get(1)?,
+                    content_hash: super::hash32(&hash, "content hash")?,
+                    committed_at: row.try_get(3)?,
+                })
+            })
+            .transpose()
+    }
+
     fn receipt(self, resource_type: &str, id: &str, outcome: EntryOutcome) -> EntryReceipt {
         EntryReceipt {
             resource_type: resource_type.to_owned(),
@@ -697,69 +889,50 @@ impl Current {
     }
 }
 
-async fn current_version(
+/// Apply one record's write mode (ids scoped to `partner`), given the rows of its
+/// [`record_reads`]; queue its writes on `pending` if it changes anything.
+async fn apply_record<'a>(
     tx: &Tx<'_, '_>,
-    partner: &str,
-    resource_type: &str,
-    id: &str,
-) -> Result<Option<Current>, Fault> {
-    let row = tx
-        .query_opt(
-            "SELECT c.version_id, c.seq, c.content_hash, l.committed_at \
-             FROM current_versions c JOIN log l ON l.seq = c.seq \
-             WHERE c.partner = $1 AND c.resource_type = $2 AND c.id = $3",
-            &[&partner, &resource_type, &id],
-        )
-        .await?;
-    row.map(|row| {
-        let hash: Vec<u8> = row.try_get(2)?;
-        Ok(Current {
-            version_id: row.try_get(0)?,
-            seq: row.try_get(1)?,
-            content_hash: super::hash32(&hash, "content hash")?,
-            committed_at: row.try_get(3)?,
-        })
-    })
-    .transpose()
-}
-
-/// Apply one record's write mode (ids scoped to `partner`); append it if it changes anything.
-async fn apply_record(
-    tx: &Tx<'_, '_>,
-    partner: &str,
-    record: &RecordWrite,
+    pending: &mut Vec<Step<'a>>,
+    partner: &'a str,
+    record: &'a RecordWrite,
+    rows: Vec<Vec<Row>>,
     clock: &BatchClock,
     appender: &mut Appender,
 ) -> Result<EntryReceipt, Fault> {
     let resource_type = record.resource_type.as_str();
-    let current = current_version(tx, partner, resource_type, &record.id).await?;
+    let mut rows = rows.into_iter();
+    let current = Current::from_rows(rows.next())?;
     match (&record.mode, current) {
         (WriteMode::Create, Some(_)) => Err(Fault::Refused(StoreError::Conflict)),
-        (WriteMode::Create, None) => {
-            append(
-                tx,
-                partner,
-                record,
-                1,
-                EntryOutcome::Created,
-                clock,
-                appender,
-            )
-            .await
-        }
-        (WriteMode::CreateIfNoneExist { identifier }, current) => {
-            let matched = tx
-                .query_opt(
-                    "SELECT id FROM identifiers \
-                     WHERE partner = $1 AND resource_type = $2 AND token = $3",
-                    &[&partner, &resource_type, identifier],
-                )
-                .await?;
+        (WriteMode::Create, None) => append(
+            pending,
+            partner,
+            record,
+            1,
+            EntryOutcome::Created,
+            clock,
+            appender,
+        ),
+        (WriteMode::CreateIfNoneExist { .. }, current) => {
+            let matched = rows.next().and_then(|rows| rows.into_iter().next());
             if let Some(row) = matched {
                 let id: String = row.try_get(0)?;
-                let existing = current_version(tx, partner, resource_type, &id)
-                    .await?
-                    .ok_or_else(|| {
+                let existing_rows = flush(
+                    tx,
+                    pending,
+                    vec![Step::new(
+                        SELECT_CURRENT,
+                        vec![
+                            Box::new(partner),
+                            Box::new(resource_type),
+                            Box::new(id.clone()),
+                        ],
+                    )],
+                )
+                .await?;
+                let existing =
+                    Current::from_rows(existing_rows.into_iter().next())?.ok_or_else(|| {
                         Fault::Corrupt("an identifier names a resource with no version".to_owned())
                     })?;
                 return Ok(existing.receipt(resource_type, &id, EntryOutcome::Existing));
@@ -768,7 +941,7 @@ async fn apply_record(
                 return Err(Fault::Refused(StoreError::Conflict));
             }
             append(
-                tx,
+                pending,
                 partner,
                 record,
                 1,
@@ -776,23 +949,19 @@ async fn apply_record(
                 clock,
                 appender,
             )
-            .await
         }
         (WriteMode::Update { if_match: Some(_) }, None) => {
             Err(Fault::Refused(StoreError::PreconditionFailed))
         }
-        (WriteMode::Update { if_match: None }, None) => {
-            append(
-                tx,
-                partner,
-                record,
-                1,
-                EntryOutcome::Created,
-                clock,
-                appender,
-            )
-            .await
-        }
+        (WriteMode::Update { if_match: None }, None) => append(
+            pending,
+            partner,
+            record,
+            1,
+            EntryOutcome::Created,
+            clock,
+            appender,
+        ),
         (WriteMode::Update { if_match }, Some(current)) => {
             // The precondition is judged before the content (FHIR: If-Match mismatch is 412).
             if if_match.is_some_and(|version| version != current.version_id) {
@@ -803,7 +972,7 @@ async fn apply_record(
             }
             let next = current.version_id + 1;
             append(
-                tx,
+                pending,
                 partner,
                 record,
                 next,
@@ -811,16 +980,15 @@ async fn apply_record(
                 clock,
                 appender,
             )
-            .await
         }
     }
 }
 
-/// Append a version to the log and make it current, with its identifier tokens.
-async fn append(
-    tx: &Tx<'_, '_>,
-    partner: &str,
-    record: &RecordWrite,
+/// Queue a version's append to the log, making it current, with its identifier tokens.
+fn append<'a>(
+    pending: &mut Vec<Step<'a>>,
+    partner: &'a str,
+    record: &'a RecordWrite,
     version_id: i64,
     outcome: EntryOutcome,
     clock: &BatchClock,
@@ -829,50 +997,53 @@ async fn append(
     let (resource_type, id) = (record.resource_type.as_str(), record.id.as_str());
     let seq = appender.next_log_seq()?;
     let content_hash: &[u8] = &record.content_hash;
-    tx.execute(
+    pending.push(Step::new(
         "INSERT INTO log (seq, partner, resource_type, id, version_id, content, content_hash, \
          nhs_number, decision, committed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        &[
-            &seq,
-            &partner,
-            &resource_type,
-            &id,
-            &version_id,
-            &record.content,
-            &content_hash,
-            &record.nhs_number,
-            &record.decision,
-            &clock.at,
+        vec![
+            Box::new(seq),
+            Box::new(partner),
+            Box::new(resource_type),
+            Box::new(id),
+            Box::new(version_id),
+            Box::new(&record.content),
+            Box::new(content_hash),
+            Box::new(&record.nhs_number),
+            Box::new(&record.decision),
+            Box::new(clock.at),
         ],
-    )
-    .await?;
-    tx.execute(
+    ));
+    pending.push(Step::new(
         "INSERT INTO current_versions (partner, resource_type, id, version_id, seq, content_hash) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (partner, resource_type, id) DO UPDATE SET version_id = excluded.version_id, \
          seq = excluded.seq, content_hash = excluded.content_hash",
-        &[
-            &partner,
-            &resource_type,
-            &id,
-            &version_id,
-            &seq,
-            &content_hash,
+        vec![
+            Box::new(partner),
+            Box::new(resource_type),
+            Box::new(id),
+            Box::new(version_id),
+            Box::new(seq),
+            Box::new(content_hash),
         ],
-    )
-    .await?;
-    tx.execute(
+    ));
+    pending.push(Step::new(
         "DELETE FROM identifiers WHERE partner = $1 AND resource_type = $2 AND id = $3",
-        &[&partner, &resource_type, &id],
-    )
-    .await?;
-    for token in &record.identifiers {
-        tx.execute(
-            "INSERT INTO identifiers (partner, resource_type, token, id) VALUES ($1, $2, $3, $4) \
+        vec![Box::new(partner), Box::new(resource_type), Box::new(id)],
+    ));
+    if !record.identifiers.is_empty() {
+        // One statement for every token (duplicates ignored, as one insert each did).
+        pending.push(Step::new(
+            "INSERT INTO identifiers (partner, resource_type, token, id) \
+             SELECT $1, $2, token, $4 FROM UNNEST($3::text[]) AS t(token) \
              ON CONFLICT DO NOTHING",
-            &[&partner, &resource_type, token, &id],
-        )
-        .await?;
+            vec![
+                Box::new(partner),
+                Box::new(resource_type),
+                Box::new(&record.identifiers),
+                Box::new(id),
+            ],
+        ));
     }
     Ok(EntryReceipt {
         resource_type: resource_type.to_owned(),
@@ -895,6 +1066,20 @@ pub(super) async fn insert_audit(
     events: &[AuditEvent],
     appender: &mut Appender,
 ) -> Result<(), Fault> {
+    let mut steps = Vec::with_capacity(events.len());
+    audit_steps(events, appender, &mut steps)?;
+    if !steps.is_empty() {
+        tx.pipeline(&steps).await?;
+    }
+    Ok(())
+}
+
+/// Queue the inserts of [`insert_audit`] on `pending`, advancing the appender.
+fn audit_steps<'a>(
+    events: &'a [AuditEvent],
+    appender: &mut Appender,
+    pending: &mut Vec<Step<'a>>,
+) -> Result<(), Fault> {
     if events.is_empty() {
         return Ok(());
     }
@@ -913,27 +1098,28 @@ pub(super) async fn insert_audit(
         let leaf = event_leaf_hash(leaf_seq, json.as_bytes());
         let seq = appender.audit_seq + 1;
         let entity = event.entity.as_ref();
-        let leaf_bytes: &[u8] = leaf.as_bytes();
-        tx.execute(
+        let leaf_bytes: Vec<u8> = leaf.as_bytes().to_vec();
+        pending.push(Step::new(
             INSERT_AUDIT,
-            &[
-                &seq,
-                &&*appender.instance_id,
-                &i64::try_from(leaf_seq)
-                    .map_err(|_| Fault::Corrupt("audit sequence overflow".to_owned()))?,
-                &event.recorded,
-                &event.request_id,
-                &event.actor.partner_id,
-                &serde_name(&event.action)?,
-                &serde_name(&event.outcome)?,
-                &entity.map(|entity| entity.resource_type.as_str()),
-                &entity.map(|entity| entity.id.as_str()),
-                &event.patient,
-                &json,
-                &leaf_bytes,
+            vec![
+                Box::new(seq),
+                Box::new(appender.instance_id.to_string()),
+                Box::new(
+                    i64::try_from(leaf_seq)
+                        .map_err(|_| Fault::Corrupt("audit sequence overflow".to_owned()))?,
+                ),
+                Box::new(&event.recorded),
+                Box::new(&event.request_id),
+                Box::new(&event.actor.partner_id),
+                Box::new(serde_name(&event.action)?),
+                Box::new(serde_name(&event.outcome)?),
+                Box::new(entity.map(|entity| entity.resource_type.as_str())),
+                Box::new(entity.map(|entity| entity.id.as_str())),
+                Box::new(&event.patient),
+                Box::new(json),
+                Box::new(leaf_bytes),
             ],
-        )
-        .await?;
+        ));
         appender.audit_seq = seq;
         appender.frontier.append(leaf);
     }
