@@ -133,6 +133,12 @@ impl Tx<'_, '_> {
     /// step's rows in order, or the first failure in order (after it, the transaction is
     /// aborted and the later steps fail too; the caller rolls back its savepoint).
     pub(super) async fn pipeline(&self, steps: &[Step<'_>]) -> Result<Vec<Vec<Row>>, Fault> {
+        first_failure(self.pipeline_results(steps).await?)
+    }
+
+    /// [`Self::pipeline`], with every step's own result (`Err` only if a statement could not be
+    /// prepared, before anything was sent).
+    async fn pipeline_results(&self, steps: &[Step<'_>]) -> Result<Vec<StepResult>, Fault> {
         let mut prepared = Vec::with_capacity(steps.len());
         for step in steps {
             prepared.push(self.statement(step.sql).await?);
@@ -153,11 +159,7 @@ impl Tx<'_, '_> {
                 Box::pin(self.tx.query(statement, params.as_slice())) as QueryFuture<'_>
             })
             .collect();
-        let results = in_order(&mut pending).await;
-        results
-            .into_iter()
-            .map(|result| result.map_err(Fault::from))
-            .collect()
+        Ok(in_order(&mut pending).await)
     }
 
     pub(super) async fn query_opt(
@@ -168,6 +170,16 @@ impl Tx<'_, '_> {
         let statement = self.statement(sql).await?;
         Ok(self.tx.query_opt(&statement, params).await?)
     }
+}
+
+type StepResult = Result<Vec<Row>, tokio_postgres::Error>;
+
+/// Every step's rows, or the first failure in order.
+fn first_failure(results: Vec<StepResult>) -> Result<Vec<Vec<Row>>, Fault> {
+    results
+        .into_iter()
+        .map(|result| result.map_err(Fault::from))
+        .collect()
 }
 
 type QueryFuture<'a> =
@@ -622,15 +634,35 @@ async fn apply_batch(
     };
 
     let mut answers = Vec::with_capacity(works.len());
-    for work in works {
+    // The results of a submission's first pipeline, sent behind the previous submission's last
+    // one (see `apply_submission`).
+    let mut prefetched = None;
+    for (index, work) in works.iter().enumerate() {
+        let next = match works.get(index + 1) {
+            Some(Work::Submit(next)) => Some(next),
+            _ => None,
+        };
         let mut attempt = appender.clone();
         // A submission opens and releases its savepoint inside its own pipelines; other work
         // does it here.
         let applied = match work {
             Work::Submit(submission) => {
-                apply_submission(&request, submission, &clock, &mut attempt)
-                    .await
-                    .map(Answer::Receipt)
+                match apply_submission(
+                    &request,
+                    submission,
+                    prefetched.take(),
+                    next,
+                    &clock,
+                    &mut attempt,
+                )
+                .await
+                {
+                    Ok((receipt, next_results)) => {
+                        prefetched = next_results;
+                        Ok(Answer::Receipt(receipt))
+                    }
+                    Err(fault) => Err(fault),
+                }
             }
             other => {
                 request
@@ -674,17 +706,19 @@ async fn apply_batch(
     }
     let frontier = appender.frontier;
     let checkpoint = if frontier.size() != tree.frontier.size() {
-        tx.execute(
-            "INSERT INTO audit_trees (instance_id, size, frontier) VALUES ($1, $2, $3) \
-             ON CONFLICT (instance_id) DO UPDATE SET size = excluded.size, \
-             frontier = excluded.frontier",
-            &[
-                &&*instance_id,
-                &i64::try_from(frontier.size()).unwrap_or(i64::MAX),
-                &frontier.to_bytes(),
-            ],
-        )
-        .await?;
+        // Prepared once (a plain `execute` with SQL text parses it again: two round trips).
+        request
+            .pipeline(&[Step::new(
+                "INSERT INTO audit_trees (instance_id, size, frontier) VALUES ($1, $2, $3) \
+                 ON CONFLICT (instance_id) DO UPDATE SET size = excluded.size, \
+                 frontier = excluded.frontier",
+                vec![
+                    Box::new(&*instance_id),
+                    Box::new(i64::try_from(frontier.size()).unwrap_or(i64::MAX)),
+                    Box::new(frontier.to_bytes()),
+                ],
+            )])
+            .await?;
         tree.sign_checkpoint(&tx, &instance_id, &frontier, &clock, false)
             .await?
     } else {
@@ -705,9 +739,9 @@ async fn apply_work(
     appender: &mut Appender,
 ) -> Result<Answer, Fault> {
     match work {
-        Work::Submit(submission) => apply_submission(tx, submission, clock, appender)
+        Work::Submit(submission) => apply_submission(tx, submission, None, None, clock, appender)
             .await
-            .map(Answer::Receipt),
+            .map(|(receipt, _)| Answer::Receipt(receipt)),
         Work::SaveCursor { reader, seq } => {
             save_cursor(tx, reader, *seq).await?;
             Ok(Answer::CursorSaved)
@@ -746,32 +780,40 @@ const SELECT_IDENTIFIER: &str = "SELECT id FROM identifiers \
 /// A submission in a few round trips: its savepoint, its idempotency key and its first record's
 /// current state in one pipeline; each further record's reads sent behind the previous
 /// record's writes (the server runs them in order, so the reads see those writes); the last
-/// record's writes, the audit events, the receipt and the savepoint's release in the last one.
-/// All reads happen under the log lock, as before, so what they see is what commits before.
+/// record's writes, the audit events, the receipt and the savepoint's release in the last one,
+/// followed by the `next` submission's first pipeline (its savepoint and reads run after this
+/// release, so they see everything before). All reads happen under the log lock, as before.
+///
+/// `prefetched`: the results of this submission's first pipeline, if the previous submission
+/// sent it. The second value returned: the `next` submission's, sent only if every step of
+/// this one's last pipeline succeeded (if one failed, the steps behind it failed too; the
+/// caller rolls this one back and the next sends its own).
 async fn apply_submission(
     tx: &Tx<'_, '_>,
     submission: &Submission,
+    prefetched: Option<Vec<StepResult>>,
+    next: Option<&Submission>,
     clock: &BatchClock,
     appender: &mut Appender,
-) -> Result<Receipt, Fault> {
+) -> Result<(Receipt, Option<Vec<StepResult>>), Fault> {
     let partner = submission.partner.as_str();
-    let mut pending = vec![Step::new(SAVEPOINT, Vec::new())];
-    let mut reads = Vec::new();
-    if let Some(key) = &submission.idempotency_key {
-        reads.push(Step::new(
-            SELECT_RECEIPT,
-            vec![Box::new(partner), Box::new(key.as_str())],
+    let (first, receipt_reads) = first_steps(submission);
+    let results = match prefetched {
+        Some(results) => results,
+        None => tx.pipeline_results(&first).await?,
+    };
+    if results.len() != first.len() {
+        return Err(Fault::Internal(
+            "a prefetched pipeline does not fit its submission".to_owned(),
         ));
     }
-    let receipt_reads = reads.len();
-    if let Some(record) = submission.records.first() {
-        reads.extend(record_reads(partner, record));
-    }
-    let mut rows = flush(tx, &mut pending, reads).await?;
-    let mut first_record = Some(rows.split_off(receipt_reads));
+    let mut rows = first_failure(results)?;
+    // The savepoint's (empty) answer, then the receipt read, then the first record's reads.
+    let mut first_record = Some(rows.split_off(1 + receipt_reads));
+    let mut pending = Vec::new();
     if let Some(row) = rows
         .into_iter()
-        .next()
+        .nth(1)
         .and_then(|rows| rows.into_iter().next())
     {
         let json: String = row.try_get(0)?;
@@ -780,9 +822,8 @@ async fn apply_submission(
         receipt.replayed = true;
         // The retry is itself an access: audited even though nothing else is written.
         audit_steps(&submission.audit, appender, &mut pending)?;
-        pending.push(Step::new(RELEASE, Vec::new()));
-        flush(tx, &mut pending, Vec::new()).await?;
-        return Ok(receipt);
+        let next_results = finish(tx, pending, next).await?;
+        return Ok((receipt, next_results));
     }
     let mut entries = Vec::with_capacity(submission.records.len());
     for record in &submission.records {
@@ -811,9 +852,46 @@ async fn apply_submission(
             ],
         ));
     }
+    let next_results = finish(tx, pending, next).await?;
+    Ok((receipt, next_results))
+}
+
+/// A submission's first pipeline: its savepoint, its idempotency key read (if it has a key;
+/// the count of those reads is returned) and its first record's reads.
+fn first_steps(submission: &Submission) -> (Vec<Step<'_>>, usize) {
+    let partner = submission.partner.as_str();
+    let mut steps = vec![Step::new(SAVEPOINT, Vec::new())];
+    let mut receipt_reads = 0;
+    if let Some(key) = &submission.idempotency_key {
+        steps.push(Step::new(
+            SELECT_RECEIPT,
+            vec![Box::new(partner), Box::new(key.as_str())],
+        ));
+        receipt_reads = 1;
+    }
+    if let Some(record) = submission.records.first() {
+        steps.extend(record_reads(partner, record));
+    }
+    (steps, receipt_reads)
+}
+
+/// A submission's last pipeline: its queued writes and its savepoint's release, then the
+/// `next` submission's first pipeline, whose results are returned if all of this one's steps
+/// succeeded. Nothing fallible may follow this in the submission: its savepoint is released.
+async fn finish<'a>(
+    tx: &Tx<'_, '_>,
+    mut pending: Vec<Step<'a>>,
+    next: Option<&'a Submission>,
+) -> Result<Option<Vec<StepResult>>, Fault> {
     pending.push(Step::new(RELEASE, Vec::new()));
-    flush(tx, &mut pending, Vec::new()).await?;
-    Ok(receipt)
+    let own = pending.len();
+    if let Some(next) = next {
+        pending.extend(first_steps(next).0);
+    }
+    let mut results = tx.pipeline_results(&pending).await?;
+    let next_results = results.split_off(own.min(results.len()));
+    first_failure(results)?;
+    Ok(next.map(|_| next_results))
 }
 
 /// Send the queued writes `pending` and then `reads` in one pipeline; the rows of `reads`.
