@@ -207,6 +207,9 @@ const INSERT_CHECKPOINT: &str =
     "INSERT INTO audit_checkpoints (size, checkpoint, created_at) VALUES (?1, ?2, ?3)";
 const UPSERT_CURSOR: &str = "INSERT INTO cursors (reader, seq) VALUES (?1, ?2) \
      ON CONFLICT (reader) DO UPDATE SET seq = excluded.seq";
+const SAVEPOINT_REQUEST: &str = "SAVEPOINT request";
+const RELEASE_REQUEST: &str = "RELEASE request";
+const ROLLBACK_REQUEST: &str = "ROLLBACK TO request";
 const LOG_COLUMNS: &str = "l.seq, l.partner, l.resource_type, l.id, l.version_id, l.content, \
      l.content_hash, l.nhs_number, l.decision, l.committed_at";
 
@@ -433,7 +436,12 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, submission: Submission) -> Result<Receipt, StoreError> {
-        match self.request(Work::Submit(submission)).await? {
+        // The audit events' canonical JSON and query columns are encoded here, on the submitting
+        // task, so the one writer thread spends its time on the statements alone.
+        let audit = encode_audit(&submission.audit)
+            .map_err(|fault| fault.into_store_error(&self.health))?;
+        let work = Work::Submit(Box::new(EncodedSubmission { submission, audit }));
+        match self.request(work).await? {
             Answer::Receipt(receipt) => Ok(receipt),
             Answer::CursorSaved
             | Answer::Reviewed(_)
@@ -823,12 +831,19 @@ fn open_writer(path: &Path) -> Result<Connection, Fault> {
     // Each request runs in its own SAVEPOINT; their statement journals stay in memory instead of
     // a temporary file written on every request (profiled: ~9 % of the writer's time).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // The writer's look-ups (current versions, identifiers, idempotency keys) and index inserts
+    // land on random pages of growing B-trees; SQLite's default 2 MiB cache re-reads them from
+    // the WAL or the file on nearly every request. Negative: KiB.
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_SIZE)?;
     // Checkpoints run on their own thread ([`Checkpointer`]) between commits; the writer checkpoints
     // only as a backstop when the WAL has grown this large (pages), which also lets the WAL file
     // restart from its beginning under sustained load.
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
     Ok(conn)
 }
+
+/// The write connection's page cache for `PRAGMA cache_size` (negative: KiB, so 32 MiB).
+const WRITER_CACHE_SIZE: i64 = -32 * 1024;
 
 /// The writer's own checkpoint threshold (pages): a backstop behind the [`Checkpointer`].
 const WRITER_AUTOCHECKPOINT_PAGES: i64 = 8_000;
@@ -1091,7 +1106,7 @@ struct Job {
 }
 
 enum Work {
-    Submit(Submission),
+    Submit(Box<EncodedSubmission>),
     SaveCursor {
         reader: String,
         seq: Seq,
@@ -1390,25 +1405,28 @@ fn apply_batch(
     tree: &mut AuditTree,
 ) -> Result<Vec<Result<Answer, StoreError>>, Fault> {
     let clock = BatchClock::now()?;
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut frontier = tree.frontier.clone();
     let mut answers = Vec::with_capacity(works.len());
     for work in works {
-        let savepoint = tx.savepoint()?;
+        // The savepoint statements are prepared once and cached (rusqlite's `Savepoint` parses
+        // its SQL on every use); if anything below fails, dropping `tx` rolls everything back.
+        tx.prepare_cached(SAVEPOINT_REQUEST)?.execute([])?;
         let mut attempt = frontier.clone();
-        match apply_work(&savepoint, work, &clock, &mut attempt) {
+        match apply_work(&tx, work, &clock, &mut attempt) {
             Ok(answer) => {
-                savepoint.commit()?;
+                tx.prepare_cached(RELEASE_REQUEST)?.execute([])?;
                 frontier = attempt;
                 answers.push(Ok(answer));
             }
             Err(fault) => {
                 // Transient/fatal errors (and anything after which SQLite has already rolled the
                 // transaction back) end the batch; the rest roll back this request only.
-                if fault.severity() != Severity::Local || savepoint.is_autocommit() {
+                if fault.severity() != Severity::Local || tx.is_autocommit() {
                     return Err(fault);
                 }
-                savepoint.finish()?;
+                tx.prepare_cached(ROLLBACK_REQUEST)?.execute([])?;
+                tx.prepare_cached(RELEASE_REQUEST)?.execute([])?;
                 if !matches!(fault, Fault::Refused(_)) {
                     tracing::warn!(error = %fault, "store request rolled back");
                 }
@@ -1459,12 +1477,19 @@ fn apply_work(
     }
 }
 
+/// A submission with its audit events already encoded ([`encode_audit`]).
+struct EncodedSubmission {
+    submission: Submission,
+    audit: Vec<EncodedAudit>,
+}
+
 fn apply_submission(
     conn: &Connection,
-    submission: &Submission,
+    encoded: &EncodedSubmission,
     clock: &BatchClock,
     frontier: &mut Frontier,
 ) -> Result<Receipt, Fault> {
+    let EncodedSubmission { submission, audit } = encoded;
     let partner = submission.partner.as_str();
     if let Some(key) = &submission.idempotency_key {
         let stored = conn
@@ -1477,7 +1502,7 @@ fn apply_submission(
             })?;
             receipt.replayed = true;
             // The retry is itself an access: it is audited even though nothing else is written.
-            insert_audit(conn, &submission.audit, frontier)?;
+            insert_encoded_audit(conn, &submission.audit, audit, frontier)?;
             return Ok(receipt);
         }
     }
@@ -1487,7 +1512,7 @@ fn apply_submission(
         .iter()
         .map(|record| apply_record(conn, partner, record, clock))
         .collect::<Result<Vec<_>, _>>()?;
-    insert_audit(conn, &submission.audit, frontier)?;
+    insert_encoded_audit(conn, &submission.audit, audit, frontier)?;
     let receipt = Receipt {
         entries,
         replayed: false,
@@ -1631,8 +1656,11 @@ fn append(
         seq,
         record.content_hash
     ])?;
-    conn.prepare_cached(DELETE_IDENTIFIERS)?
-        .execute(params![partner, resource_type, id])?;
+    // A created resource had no current version, so no identifier row can name it yet.
+    if outcome != EntryOutcome::Created {
+        conn.prepare_cached(DELETE_IDENTIFIERS)?
+            .execute(params![partner, resource_type, id])?;
+    }
     let mut insert_identifier = conn.prepare_cached(INSERT_IDENTIFIER)?;
     for token in &record.identifiers {
         insert_identifier.execute(params![partner, resource_type, token, id])?;
@@ -1647,6 +1675,34 @@ fn append(
     })
 }
 
+/// An audit event's canonical JSON (what its leaf hash covers) and the query columns that are
+/// not plain copies of its fields, encoded before the event reaches the writer.
+struct EncodedAudit {
+    json: String,
+    recorded: String,
+    action: String,
+    outcome: String,
+}
+
+/// Encode `events` for [`insert_encoded_audit`]. Needs no connection: the submitting task runs it.
+fn encode_audit(events: &[AuditEvent]) -> Result<Vec<EncodedAudit>, Fault> {
+    events
+        .iter()
+        .map(|event| {
+            let canonical = canonical_event_bytes(event)
+                .map_err(|error| Fault::Encode(format!("audit event: {error}")))?;
+            let json = String::from_utf8(canonical)
+                .map_err(|_| Fault::Encode("audit event is not UTF-8".to_owned()))?;
+            Ok(EncodedAudit {
+                json,
+                recorded: timestamp_text(event.recorded)?,
+                action: serde_name(&event.action)?,
+                outcome: serde_name(&event.outcome)?,
+            })
+        })
+        .collect()
+}
+
 /// Insert `events` with the next sequence numbers, each with its RFC 9162 leaf hash, appending
 /// the leaves to `frontier` (the caller keeps or discards it with the savepoint).
 fn insert_audit(
@@ -1657,27 +1713,41 @@ fn insert_audit(
     if events.is_empty() {
         return Ok(());
     }
+    insert_encoded_audit(conn, events, &encode_audit(events)?, frontier)
+}
+
+/// [`insert_audit`] for events already encoded (`encoded[i]` is `events[i]`).
+fn insert_encoded_audit(
+    conn: &Connection,
+    events: &[AuditEvent],
+    encoded: &[EncodedAudit],
+    frontier: &mut Frontier,
+) -> Result<(), Fault> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    if events.len() != encoded.len() {
+        return Err(Fault::Internal(
+            "audit events and their encodings differ in number".to_owned(),
+        ));
+    }
     let mut insert = conn.prepare_cached(INSERT_AUDIT)?;
-    for event in events {
-        let canonical = canonical_event_bytes(event)
-            .map_err(|error| Fault::Encode(format!("audit event: {error}")))?;
-        let json = String::from_utf8(canonical)
-            .map_err(|_| Fault::Encode("audit event is not UTF-8".to_owned()))?;
+    for (event, encoded) in events.iter().zip(encoded) {
         // Sequence numbers are the tree's leaf indexes + 1, so they must be contiguous.
         let seq = frontier.size() + 1;
-        let leaf = event_leaf_hash(seq, json.as_bytes());
+        let leaf = event_leaf_hash(seq, encoded.json.as_bytes());
         let entity = event.entity.as_ref();
         insert.execute(params![
             i64::try_from(seq).map_err(|_| Fault::Corrupt("audit sequence overflow".to_owned()))?,
-            timestamp_text(event.recorded)?,
+            encoded.recorded,
             event.request_id,
             event.actor.partner_id,
-            serde_name(&event.action)?,
-            serde_name(&event.outcome)?,
+            encoded.action,
+            encoded.outcome,
             entity.map(|entity| entity.resource_type.as_str()),
             entity.map(|entity| entity.id.as_str()),
             event.patient,
-            json,
+            encoded.json,
             leaf.as_bytes().as_slice(),
         ])?;
         frontier.append(leaf);
